@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class AddressQuerySet(models.QuerySet["Address"]):
+    def for_user(self, user) -> AddressQuerySet:
+        return self.filter(user=user)
+
+
+class Address(models.Model):
+    """An e-mail address and the one viewer user who owns its quarantined mail."""
+
+    SOURCE_LOCAL = "local"
+    SOURCE_LDAP = "ldap"
+    SOURCE_CHOICES = [(SOURCE_LOCAL, "local"), (SOURCE_LDAP, "directory")]
+
+    address = models.CharField(max_length=320, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="addresses"
+    )
+    source = models.CharField(max_length=8, choices=SOURCE_CHOICES, default=SOURCE_LOCAL)
+
+    objects = AddressQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["address"]
+
+    def __str__(self) -> str:
+        return self.address
+
+    def save(self, *args, **kwargs) -> None:
+        self.address = normalize_address(self.address)
+        super().save(*args, **kwargs)
+
+
+def normalize_address(address: str) -> str:
+    """The form addresses are compared in: trimmed, without <>, lower-cased."""
+    return address.strip().strip("<>").strip().lower()

@@ -1,0 +1,252 @@
+"""spamviewer settings: everything comes from the environment (and `.env`).
+
+Every variable is documented in docs/configuration.md with its default. The defaults are
+the embedded ones: SQLite and the store under var/, no Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from dotenv import load_dotenv
+
+from spamviewer.env import (
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+if not env_bool("SPAMVIEWER_IGNORE_DOTENV", False):
+    load_dotenv(BASE_DIR / ".env", override=False)
+
+VAR_DIR = Path(env_str("SPAMVIEWER_VAR_DIR", str(BASE_DIR / "var")))
+
+# ---------------------------------------------------------------------------------------
+# Core
+# ---------------------------------------------------------------------------------------
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+
+def _secret_key() -> str:
+    """SECRET_KEY from the environment; else one generated once and kept in var/.
+
+    No fixed key ships with the project: a key anybody can read in the source would let
+    anybody forge sessions.
+    """
+    key = env_secret("SECRET_KEY")
+    if key:
+        return key
+    path = VAR_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(50)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(key)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return key
+
+
+SECRET_KEY = _secret_key()
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "spamviewer",
+    "quarantine",
+    "directory",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "spamviewer.middleware.SecurityHeadersMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "spamviewer.urls"
+WSGI_APPLICATION = "spamviewer.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "spamviewer.context_processors.site",
+            ],
+        },
+    },
+]
+
+# ---------------------------------------------------------------------------------------
+# Database: DATABASE_URL (postgres://...), SQLite under var/ by default
+# ---------------------------------------------------------------------------------------
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'spamviewer.sqlite3'}",
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The filter, the viewer and the indexer write concurrently: WAL and a busy timeout
+    # turn "database is locked" into a short wait.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# ---------------------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------------------
+LOGIN_METHOD = env_choice("LOGIN_METHOD", "local", ("local", "ldap"))
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "quarantine:list"
+LOGOUT_REDIRECT_URL = "login"
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": 10},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+VADMIN_USERNAME = "vadmin"
+
+# ---------------------------------------------------------------------------------------
+# Security. HTTPS_ONLY=True is the production switch: secure cookies, HSTS, redirect.
+# ---------------------------------------------------------------------------------------
+HTTPS_ONLY = env_bool("HTTPS_ONLY", False)
+SESSION_COOKIE_SECURE = HTTPS_ONLY
+CSRF_COOKIE_SECURE = HTTPS_ONLY
+SECURE_SSL_REDIRECT = HTTPS_ONLY
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if HTTPS_ONLY else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS_ONLY
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", HTTPS_ONLY)
+if HTTPS_ONLY and not SECURE_HSTS_PRELOAD:
+    # Turning preload off is a deliberate choice; the check need not nag about it.
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
+if env_bool("BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600, minimum=60)
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "no-referrer"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+# The pages carry no script at all and load nothing from elsewhere; mail content is shown
+# as text only. The policy says so, so that a rendering mistake still cannot run code.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+# ---------------------------------------------------------------------------------------
+# Static files (served by whitenoise)
+# ---------------------------------------------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = DEBUG
+
+# ---------------------------------------------------------------------------------------
+# Quarantine
+# ---------------------------------------------------------------------------------------
+QUARANTINE_DIR = Path(env_str("QUARANTINE_DIR", str(VAR_DIR / "quarantine")))
+QUARANTINE_SUBDIR_LEVELS = env_int("QUARANTINE_SUBDIR_LEVELS", 1, minimum=0)
+ALLOWED_DOWNLOAD_TYPES = [
+    t.upper() for t in env_list("ALLOWED_DOWNLOAD_TYPES", ["SPAM", "BANNED", "BADH"])
+]
+RELEASE_SMTP_HOST = env_str("RELEASE_SMTP_HOST", "127.0.0.1")
+RELEASE_SMTP_PORT = env_int("RELEASE_SMTP_PORT", 10025, minimum=1)
+RELEASE_SMTP_TIMEOUT = env_int("RELEASE_SMTP_TIMEOUT", 30, minimum=1)
+RELEASE_VIRUS_BY_USERS = env_bool("RELEASE_VIRUS_BY_USERS", False)
+QUARANTINE_MAX_SIZE_MB = env_int("QUARANTINE_MAX_SIZE_MB", 500, minimum=0)
+QUARANTINE_MAX_AGE_DAYS = env_int("QUARANTINE_MAX_AGE_DAYS", 30, minimum=0)
+QUARANTINE_PAGE_SIZE = env_int("QUARANTINE_PAGE_SIZE", 50, minimum=5)
+QUARANTINE_PRUNE_CRON = env_str("QUARANTINE_PRUNE_CRON", "15 * * * *")
+
+# ---------------------------------------------------------------------------------------
+# Celery: Redis in production; with no REDIS_URL, tasks run in-process.
+# ---------------------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+
+
+def _crontab(expr: str, name: str):
+    from celery.schedules import crontab
+
+    parts = expr.split()
+    if len(parts) != 5:
+        from spamviewer.env import ImproperlyConfiguredEnv
+
+        raise ImproperlyConfiguredEnv(f"{name}={expr!r}: expected five cron fields")
+    minute, hour, day_of_month, month_of_year, day_of_week = parts
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )
+
+
+CELERY_BEAT_SCHEDULE = {
+    "prune-quarantine": {
+        "task": "quarantine.tasks.prune_quarantine_task",
+        "schedule": _crontab(QUARANTINE_PRUNE_CRON, "QUARANTINE_PRUNE_CRON"),
+    },
+}
+
+# ---------------------------------------------------------------------------------------
+# Internationalisation and logging
+# ---------------------------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}

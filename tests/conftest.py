@@ -1,0 +1,115 @@
+"""The shared test world: vadmin, two users (alice, bob) with their addresses, and a factory
+that puts a message into a real quarantine store on disk with its index rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+import pytest
+from django.contrib.auth.models import User
+
+from directory.models import Address
+from quarantine.models import Message, Recipient
+from quarantine.store import FileStore, generate_mail_id
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class World:
+    vadmin: User
+    alice: User
+    bob: User
+
+
+@pytest.fixture(autouse=True)
+def quarantine_dir(settings, tmp_path):
+    """Every test gets its own empty store."""
+    root = tmp_path / "quarantine"
+    root.mkdir()
+    settings.QUARANTINE_DIR = root
+    return root
+
+
+@pytest.fixture
+def world(db) -> World:
+    vadmin = User.objects.create_superuser("vadmin", "", PASSWORD)
+    alice = User.objects.create_user("alice", "alice@example.test", PASSWORD)
+    bob = User.objects.create_user("bob", "bob@example.test", PASSWORD)
+    for user, addresses in (
+        (alice, ["alice@example.test", "alice.alias@example.test"]),
+        (bob, ["bob@example.test"]),
+    ):
+        for address in addresses:
+            Address.objects.create(address=address, user=user)
+    return World(vadmin=vadmin, alice=alice, bob=bob)
+
+
+def build_mail(
+    *,
+    subject: str = "Hello",
+    from_: str = "Sender <sender@remote.example>",
+    to: str = "alice@example.test",
+    body: str = "Hello there.\n",
+    html: str | None = None,
+    date: datetime | None = None,
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = from_
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(date or datetime(2026, 11, 20, 10, 0, tzinfo=UTC))
+    msg["Message-ID"] = f"<{generate_mail_id()[0]}@remote.example>"
+    if html is not None and body is None:
+        msg.set_content(html, subtype="html")
+    else:
+        msg.set_content(body)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+    return msg.as_bytes()
+
+
+@pytest.fixture
+def make_message(settings):
+    """Write a quarantine file into the test store and index it (rows made directly)."""
+
+    counter = {"n": 0}
+
+    def make(
+        *,
+        category: str = "SPAM",
+        recipients: list[str] | None = None,
+        sender: str = "sender@remote.example",
+        raw: bytes | None = None,
+        subject: str = "Hello",
+        from_: str = "Sender <sender@remote.example>",
+        received_at: datetime | None = None,
+        spam_score: float | None = None,
+        reasons: str = "",
+        **mail_kwargs,
+    ) -> Message:
+        recipients = recipients or ["alice@example.test"]
+        counter["n"] += 1
+        raw = raw or build_mail(subject=subject, from_=from_, to=", ".join(recipients),
+                                **mail_kwargs)
+        mail_id, _ = generate_mail_id()
+        store = FileStore(settings.QUARANTINE_DIR, subdir_levels=1)
+        key = store.write(category=category, mail_id=mail_id, message=raw, sender=sender,
+                          recipients=recipients)
+        st = store.stat(key)
+        when = received_at or datetime.now(UTC) - timedelta(seconds=1000 - counter["n"])
+        message = Message.objects.create(
+            mail_id=mail_id, category=category, envelope_sender=sender, from_header=from_,
+            to_header=", ".join(recipients), subject=subject, received_at=when, size=len(raw),
+            spam_score=spam_score, reasons=reasons, origin=str(settings.QUARANTINE_DIR),
+            storage_key=key, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns,
+        )
+        for address in recipients:
+            Recipient.objects.create(message=message, address=address.lower(),
+                                     received_at=when, category=category)
+        return message
+
+    return make
