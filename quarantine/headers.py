@@ -96,7 +96,8 @@ def decode_addresses(value: str | bytes | None) -> list[tuple[str, str]]:
 
     A Mailsploit-style name carrying an address, NUL or line break cannot hide the real
     address: both are returned, the name with its controls escaped."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
+    # Raw 8-bit names decode as elsewhere here (UTF-8, else latin-1), not to U+FFFD.
+    text = _decode_bytes(value, None) if isinstance(value, bytes) else (value or "")
     text = text[:MAX_HEADER_CHARS]
     try:
         pairs = getaddresses([text])[:MAX_ADDRESSES]

@@ -34,6 +34,19 @@ def quarantine_dir(settings, tmp_path):
     return root
 
 
+@pytest.fixture(autouse=True)
+def static_files(settings, tmp_path_factory):
+    """Pages render without a collectstatic run: plain storage (the manifest one needs its
+    manifest) and an existing STATIC_ROOT (whitenoise warns about a missing one)."""
+    root = tmp_path_factory.getbasetemp() / "staticfiles"
+    root.mkdir(exist_ok=True)
+    settings.STATIC_ROOT = root
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
 @pytest.fixture
 def world(db) -> World:
     vadmin = User.objects.create_superuser("vadmin", "", PASSWORD)
