@@ -46,7 +46,6 @@ def _setup_database(rows: int) -> None:
 
 def _drop_database() -> None:
     import psycopg
-
     from django.db import connections
 
     connections.close_all()
@@ -73,7 +72,8 @@ def _fill(rows: int) -> None:
         subject = f"Offer number {i} for you" if i % 97 else f"Quarterly invoice {i}"
         msg_buf.write(
             f"{i}\tm{i:011d}\t{cat}\tsender{i % 5000}@remote.example\t"
-            f"Sender {i % 5000} <sender{i % 5000}@remote.example>\tuser{i % ADDRESSES}@example.test\t"
+            f"Sender {i % 5000} <sender{i % 5000}@remote.example>\t"
+            f"user{i % ADDRESSES}@example.test\t"
             f"{subject}\t{when}\t{when}\t4096\t\\N\t\t/bench\tx/m{i:011d}\t4200\t0\n"
         )
         rcpt_buf.write(f"{i}\tuser{i % ADDRESSES}@example.test\t{when}\t{cat}\n")
@@ -141,7 +141,8 @@ def main() -> None:
         admin = Client()
         assert admin.login(username="vadmin", password="bench-password-v")
         first = user.get("/")
-        older = first.context["older_url"] if first.context and "older_url" in first.context else None
+        context = first.context or {}
+        older = context["older_url"] if "older_url" in context else None
         cases = [
             ("baseline /healthz", user, "/healthz"),
             ("user list, first page", user, "/"),

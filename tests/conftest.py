@@ -26,6 +26,12 @@ class World:
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hasher(settings):
+    """PBKDF2's deliberate slowness would dominate the suite; production keeps it."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def quarantine_dir(settings, tmp_path):
     """Every test gets its own empty store."""
     root = tmp_path / "quarantine"
