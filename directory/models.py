@@ -38,3 +38,19 @@ class Address(models.Model):
 def normalize_address(address: str) -> str:
     """The form addresses are compared in: trimmed, without <>, lower-cased."""
     return address.strip().strip("<>").strip().lower()
+
+
+class DirectoryIdentity(models.Model):
+    """Which directory object a synced user is. `guid` (objectGUID, hex) never changes; the
+    DN changes when the object is moved or renamed, so it is only the fallback key for
+    directories without objectGUID."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="directory_identity"
+    )
+    guid = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    dn = models.TextField()
+    synced_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.dn

@@ -15,6 +15,7 @@ from dotenv import load_dotenv
 from spamviewer.env import (
     env_bool,
     env_choice,
+    env_float,
     env_int,
     env_list,
     env_secret,
@@ -199,6 +200,45 @@ QUARANTINE_PAGE_SIZE = env_int("QUARANTINE_PAGE_SIZE", 50, minimum=5)
 QUARANTINE_PRUNE_CRON = env_str("QUARANTINE_PRUNE_CRON", "15 * * * *")
 
 # ---------------------------------------------------------------------------------------
+# Directory (Active Directory / LDAP): the sync, the relay map and LDAP login
+# ---------------------------------------------------------------------------------------
+LDAP_SERVER = env_str("LDAP_SERVER")
+LDAP_BIND_DN = env_str("LDAP_BIND_DN")
+LDAP_BIND_PASSWORD = env_secret("LDAP_BIND_PASSWORD")
+# Several base DNs are separated by ';' (a DN itself contains commas).
+LDAP_BASE_DN = [dn.strip() for dn in env_str("LDAP_BASE_DN").split(";") if dn.strip()]
+LDAP_USER_FILTER = env_str("LDAP_USER_FILTER", "(&(objectCategory=person)(objectClass=user))")
+LDAP_GROUP_FILTER = env_str("LDAP_GROUP_FILTER", "(objectClass=group)")
+LDAP_CONTACT_FILTER = env_str("LDAP_CONTACT_FILTER", "(objectClass=contact)")
+LDAP_PUBLIC_FOLDER_FILTER = env_str("LDAP_PUBLIC_FOLDER_FILTER", "(objectClass=publicFolder)")
+LDAP_EXTRA_FILTER = env_str("LDAP_EXTRA_FILTER")
+LDAP_CA_FILE = env_str("LDAP_CA_FILE")
+LDAP_ALLOW_INSECURE = env_bool("LDAP_ALLOW_INSECURE", True)
+LDAP_PAGE_SIZE = env_int("LDAP_PAGE_SIZE", 1000, minimum=1)
+LDAP_TIMEOUT = env_int("LDAP_TIMEOUT", 10, minimum=1)
+DIRECTORY_SYNC_CRON = env_str("DIRECTORY_SYNC_CRON", "30 2 * * *")
+DIRECTORY_SYNC_LOCK = Path(env_str("DIRECTORY_SYNC_LOCK", str(VAR_DIR / "directory-sync.lock")))
+RELAY_MAP_PATH = Path(env_str("RELAY_MAP_PATH", str(VAR_DIR / "relay_recipients")))
+RELAY_MAP_EXTRA = env_str("RELAY_MAP_EXTRA")
+RELAY_MAP_DIRECTORY_EXTRA = Path(
+    env_str("RELAY_MAP_DIRECTORY_EXTRA", str(VAR_DIR / "relay_extra_directory"))
+)
+RELAY_MAP_POSTMAP = env_choice(
+    "RELAY_MAP_POSTMAP", "hash", ("hash", "btree", "lmdb", "cdb", "texthash", "none")
+)
+RELAY_MAP_POSTMAP_COMMAND = env_str("RELAY_MAP_POSTMAP_COMMAND", "postmap")
+RELAY_MAP_MIN_RATIO = env_float("RELAY_MAP_MIN_RATIO", 0.5)
+RELAY_MAP_LOCK_TIMEOUT = env_int("RELAY_MAP_LOCK_TIMEOUT", 60, minimum=0)
+if LOGIN_METHOD == "ldap":
+    # vadmin (and accounts made locally) log in with the password kept here; everybody
+    # else with their directory password. The directory backend finds the person with
+    # the sync account, then binds as them (see directory/auth.py).
+    AUTHENTICATION_BACKENDS = [
+        "directory.auth.LocalAccountBackend",
+        "directory.auth.DirectoryBackend",
+    ]
+
+# ---------------------------------------------------------------------------------------
 # Celery: Redis in production; with no REDIS_URL, tasks run in-process.
 # ---------------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
@@ -235,6 +275,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "quarantine.tasks.prune_quarantine_task",
         "schedule": _crontab(QUARANTINE_PRUNE_CRON, "QUARANTINE_PRUNE_CRON"),
     },
+}
+CELERY_BEAT_SCHEDULE["sync-directory"] = {
+    "task": "directory.tasks.sync_directory_task",
+    "schedule": _crontab(DIRECTORY_SYNC_CRON, "DIRECTORY_SYNC_CRON"),
 }
 
 # ---------------------------------------------------------------------------------------

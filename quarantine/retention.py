@@ -1,0 +1,114 @@
+"""Retention: keep the quarantine within its age and size limits.
+
+Messages older than QUARANTINE_MAX_AGE_DAYS go first; then, while the files of what is
+left add up to more than QUARANTINE_MAX_SIZE_MB, the oldest go. Rows and files are deleted
+together through quarantine.deletion, a batch of messages per transaction, so that a
+million expired messages never mean a million queries or one huge transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db.models import Sum
+from django.utils import timezone
+
+from quarantine.deletion import delete_messages
+from quarantine.models import AuditEvent, Message, record_event
+from quarantine.store import get_store
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 1000
+
+
+@dataclass
+class PruneSummary:
+    expired: int = 0
+    over_size: int = 0
+    temporary_files: int = 0
+    max_age_days: int = 0
+    max_size_mb: int = 0
+
+    def __str__(self) -> str:
+        age = f"older than {self.max_age_days} days" if self.max_age_days else "no age limit"
+        size = f"over {self.max_size_mb} MB" if self.max_size_mb else "no size limit"
+        return (
+            f"pruned {self.expired} messages ({age}), {self.over_size} messages ({size}), "
+            f"{self.temporary_files} temporary files"
+        )
+
+
+def prune_quarantine(
+    *,
+    now: datetime | None = None,
+    max_age_days: int | None = None,
+    max_size_mb: int | None = None,
+) -> PruneSummary:
+    """Delete what is beyond the age and size limits (0 = no limit); settings by default."""
+    now = now or timezone.now()
+    if max_age_days is None:
+        max_age_days = settings.QUARANTINE_MAX_AGE_DAYS
+    if max_size_mb is None:
+        max_size_mb = settings.QUARANTINE_MAX_SIZE_MB
+    summary = PruneSummary(max_age_days=max_age_days, max_size_mb=max_size_mb)
+
+    if max_age_days > 0:
+        cutoff = now - timedelta(days=max_age_days)
+        summary.expired = _delete_oldest(Message.objects.filter(received_at__lt=cutoff))
+    if max_size_mb > 0:
+        excess = _total_size() - max_size_mb * 1024 * 1024
+        if excess > 0:
+            summary.over_size = _delete_oldest(Message.objects.all(), up_to_bytes=excess)
+
+    store = get_store()
+    if store.root.is_dir():
+        try:
+            summary.temporary_files = store.cleanup_temporary()
+        except OSError as exc:
+            log.warning("%s: cannot remove temporary files (%s)", store.root, exc)
+
+    if summary.expired or summary.over_size or summary.temporary_files:
+        record_event(None, AuditEvent.Action.PRUNE, detail=str(summary))
+    return summary
+
+
+def _total_size() -> int:
+    return Message.objects.aggregate(total=Sum("file_size"))["total"] or 0
+
+
+def _delete_oldest(messages, *, up_to_bytes: int | None = None) -> int:
+    """Delete messages oldest first, a batch per transaction.
+
+    With `up_to_bytes`, stop once the deleted files add up to at least that many bytes.
+    Each batch is read afresh: rows deleted meanwhile (by a user) are simply not found.
+    """
+    deleted = 0
+    freed = 0
+    while True:
+        rows = list(
+            messages.order_by("received_at", "id").values_list("id", "file_size")[:BATCH_SIZE]
+        )
+        if not rows:
+            break
+        if up_to_bytes is not None:
+            take = []
+            for row_id, size in rows:
+                take.append(row_id)
+                freed += size
+                if freed >= up_to_bytes:
+                    break
+        else:
+            take = [row_id for row_id, _ in rows]
+        count = delete_messages(
+            Message.objects.filter(id__in=take), action=AuditEvent.Action.PRUNE
+        )
+        deleted += count
+        if count == 0:
+            break
+        if up_to_bytes is not None and freed >= up_to_bytes:
+            break
+    return deleted
