@@ -1,0 +1,212 @@
+"""The filter worker's configuration, read from the environment.
+
+`FilterConfig.from_env()` is the only place that reads `FILTER_*` variables; every error
+names the variable and the value it could not read, so that a typo stops the start with a
+clear message instead of silently falling back to a default. The engine itself only ever
+sees a `FilterConfig`, which tests build directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+MODES = ("content_filter", "proxy_filter", "front")
+BARE_LF_POLICIES = ("reject", "normalise")
+
+
+class ConfigError(ValueError):
+    """A FILTER_* variable holds a value the worker cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Everything the worker needs to know; defaults are the content_filter layout.
+
+    Sizes are in octets, times in seconds. A limit of 0 means "no limit" only where the
+    field says so.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 10024
+    next_hop_host: str = "127.0.0.1"
+    next_hop_port: int = 10025
+    # content_filter: after Postfix's queue (the client is Postfix's smtp/lmtp client).
+    # proxy_filter: Postfix's smtpd_proxy_filter (one message per connection).
+    # front: the worker faces other MTAs itself; unknown recipients are refused at RCPT.
+    mode: str = "content_filter"
+    # Speak LMTP on the listener (one end-of-data reply per recipient, RFC 2033).
+    lmtp: bool = False
+    hostname: str = "localhost"
+    max_message_size: int = 50 * 1024 * 1024
+    # Longest line of message text, without its CRLF (RFC 5322: 998).
+    max_line_length: int = 998
+    max_header_count: int = 1000
+    max_recipients: int = 1000
+    # Idle time allowed between two commands, and between two reads inside DATA.
+    command_timeout: float = 300.0
+    data_timeout: float = 300.0
+    # Inside DATA the client must also keep an average of this many octets a second
+    # (after the first data_timeout seconds), so that a trickle cannot hold a
+    # connection for ever; 0 turns the check off.
+    min_data_rate: int = 500
+    max_clients: int = 100
+    # Connections at the same time from one address; 0 means no per-address limit.
+    max_per_ip: int = 20
+    # Commands allowed in a session between two accepted messages.
+    max_commands: int = 2000
+    bare_lf: str = "normalise"
+    # Peers allowed to send XFORWARD (Postfix's smtpd_authorized_xforward_hosts).
+    xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Next hop: connections kept at most, and how long each step may take.
+    max_backends: int = 20
+    relay_connect_timeout: float = 30.0
+    relay_command_timeout: float = 300.0
+    relay_data_timeout: float = 600.0
+    relay_idle_timeout: float = 20.0
+    metrics_host: str = ""
+    metrics_port: int = 0
+    _networks: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"FILTER_MODE={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.bare_lf not in BARE_LF_POLICIES:
+            raise ConfigError(
+                f"FILTER_BARE_LF={self.bare_lf!r}: expected one of {', '.join(BARE_LF_POLICIES)}"
+            )
+        networks = []
+        for value in self.xforward_hosts:
+            try:
+                networks.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"FILTER_XFORWARD_HOSTS: {value!r} is not an address or network"
+                ) from None
+        object.__setattr__(self, "_networks", tuple(networks))
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return bool(self.metrics_host)
+
+    def xforward_allowed(self, address: str | None) -> bool:
+        if not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def with_changes(self, **changes) -> FilterConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FilterConfig:
+        """Build the configuration from FILTER_* variables (os.environ by default)."""
+        env = _Env(os.environ if environ is None else environ)
+        listen_host, listen_port = env.address("FILTER_LISTEN", "127.0.0.1:10024")
+        hop_host, hop_port = env.address("FILTER_NEXT_HOP", "127.0.0.1:10025")
+        metrics = env.get("FILTER_METRICS_LISTEN", "")
+        metrics_host, metrics_port = (
+            env.address("FILTER_METRICS_LISTEN", metrics) if metrics else ("", 0)
+        )
+        return cls(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            next_hop_host=hop_host,
+            next_hop_port=hop_port,
+            mode=env.choice("FILTER_MODE", "content_filter", MODES),
+            lmtp=env.bool("FILTER_LMTP", False),
+            hostname=env.get("FILTER_HOSTNAME", "") or _default_hostname(),
+            max_message_size=env.int("FILTER_MAX_MESSAGE_SIZE", 50 * 1024 * 1024, minimum=1024),
+            max_line_length=env.int("FILTER_MAX_LINE_LENGTH", 998, minimum=78),
+            max_header_count=env.int("FILTER_MAX_HEADER_COUNT", 1000, minimum=1),
+            max_recipients=env.int("FILTER_MAX_RECIPIENTS", 1000, minimum=1),
+            command_timeout=env.float("FILTER_COMMAND_TIMEOUT", 300.0, minimum=0.1),
+            data_timeout=env.float("FILTER_DATA_TIMEOUT", 300.0, minimum=0.1),
+            min_data_rate=env.int("FILTER_MIN_DATA_RATE", 500, minimum=0),
+            max_clients=env.int("FILTER_MAX_CLIENTS", 100, minimum=1),
+            max_per_ip=env.int("FILTER_MAX_PER_IP", 20, minimum=0),
+            max_commands=env.int("FILTER_MAX_COMMANDS", 2000, minimum=10),
+            bare_lf=env.choice("FILTER_BARE_LF", "normalise", BARE_LF_POLICIES),
+            xforward_hosts=tuple(env.list("FILTER_XFORWARD_HOSTS", ["127.0.0.0/8", "::1/128"])),
+            max_backends=env.int("FILTER_MAX_BACKENDS", 20, minimum=1),
+            relay_connect_timeout=env.float("FILTER_RELAY_CONNECT_TIMEOUT", 30.0, minimum=0.1),
+            relay_command_timeout=env.float("FILTER_RELAY_COMMAND_TIMEOUT", 300.0, minimum=0.1),
+            relay_data_timeout=env.float("FILTER_RELAY_DATA_TIMEOUT", 600.0, minimum=0.1),
+            relay_idle_timeout=env.float("FILTER_RELAY_IDLE_TIMEOUT", 20.0, minimum=0.0),
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
+
+
+def _default_hostname() -> str:
+    import socket
+
+    return socket.getfqdn() or "localhost"
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def get(self, name: str, default: str) -> str:
+        value = self.environ.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def int(self, name: str, default: int, *, minimum: int) -> int:
+        raw = self.get(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value}: must be at least {minimum}")
+        return value
+
+    def float(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self.get(name, str(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+        if not value >= minimum:
+            raise ConfigError(f"{name}={raw}: must be at least {minimum}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.get(name, "")
+        if raw == "":
+            return default
+        if raw in ("True", "true", "1", "yes"):
+            return True
+        if raw in ("False", "false", "0", "no"):
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected True or False")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.get(name, default)
+        if raw == "normalize" and "normalise" in choices:
+            raw = "normalise"
+        if raw not in choices:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+        return raw
+
+    def list(self, name: str, default: list[str]) -> list[str]:
+        raw = self.environ.get(name)
+        if raw is None:
+            return list(default)
+        return [item.strip() for item in raw.split(",") if item.strip()]
+
+    def address(self, name: str, raw: str) -> tuple[str, int]:
+        """`host:port`, `[v6]:port` or `:port`; a port of 0 picks a free one."""
+        value = self.get(name, raw)
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{name}={value!r}: expected host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return host or "127.0.0.1", int(port)

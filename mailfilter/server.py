@@ -1,0 +1,739 @@
+"""The SMTP side of the worker: an aiosmtpd server with limits, and the handler that acts.
+
+`FilterHandler` is a plain aiosmtpd handler (handle_EHLO/MAIL/RCPT/RSET hooks plus
+`finish_data`, called once a message was read). `FilterSMTP`/`FilterLMTP` add what
+aiosmtpd leaves to its users: connection limits, a command budget, command lines with CR or
+NUL refused, a DATA reader with bounded memory and a bare CR/LF policy, a data timeout with
+a minimum rate, a 421 on timeout, and XFORWARD. `FilterServer` owns sockets and lifecycle.
+
+Never lose mail: the end of DATA is answered only after the next hop answered (pass) or
+the quarantine sink returned (discard, bounce); any failure on the way is a 451.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailfilter.config import FilterConfig
+from mailfilter.data import (
+    BARE_LINE_END,
+    NOMINAL,
+    TOO_BIG,
+    TOO_LONG,
+    TOO_MANY_HEADERS,
+    DataAccumulator,
+    DataLimits,
+)
+from mailfilter.interfaces import DEFAULT_PROFILE, Profile, QuarantineSink, RecipientLookup
+from mailfilter.policy import Envelope as PolicyEnvelope
+from mailfilter.policy import Policy, ProfilePolicy, Verdict
+from mailfilter.relay import XFORWARD_ATTRIBUTES, Relay, Reply, Transaction
+from mailfilter.stats import Stats, serve_metrics
+
+log = logging.getLogger(__name__)
+
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9._:\[\]-]")
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+
+REFUSALS = {
+    TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
+    TOO_LONG: "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
+    TOO_MANY_HEADERS: "552 5.6.0 Too many header fields",
+    BARE_LINE_END: "550 5.6.0 Message contains bare CR or LF (see RFC 5321 2.3.8)",
+}
+TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+
+
+class FilterEnvelope(Envelope):
+    """aiosmtpd's envelope plus what the worker keeps for one transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relay: Transaction | None = None
+        self.profile: Profile | None = None
+        self.xforward: dict[str, str] | None = None
+        self.eight_bit_declared = False
+
+
+class ConnectionGate:
+    """Connections at the same time, in total and per client address."""
+
+    def __init__(self, *, max_clients: int, max_per_ip: int) -> None:
+        self.max_clients = max_clients
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.by_ip: collections.Counter[str] = collections.Counter()
+
+    def admit(self, ip: str) -> str | None:
+        """None when admitted, else the reason for refusing."""
+        if self.total >= self.max_clients:
+            return "total"
+        if self.max_per_ip and self.by_ip[ip] >= self.max_per_ip:
+            return "per_ip"
+        self.total += 1
+        self.by_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.by_ip[ip] -= 1
+        if self.by_ip[ip] <= 0:
+            del self.by_ip[ip]
+
+
+class FilterHandler:
+    """What the worker does with each step of a transaction."""
+
+    def __init__(
+        self,
+        config: FilterConfig,
+        *,
+        relay: Relay,
+        sink: QuarantineSink,
+        policy: Policy | None = None,
+        lookup: RecipientLookup | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.config = config
+        self.relay = relay
+        self.sink = sink
+        self.policy = policy or ProfilePolicy()
+        self.lookup = lookup
+        self.stats = stats or Stats()
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.config.xforward_allowed(_peer_ip(session)):
+            responses.insert(-1, "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        responses.insert(-1, "250-ENHANCEDSTATUSCODES")
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: FilterEnvelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        size = None
+        for option in mail_options:
+            if option.startswith("SIZE="):
+                size = int(option[5:])
+        eight_bit = "BODY=8BITMIME" in mail_options
+        reply, transaction = await self.relay.begin(
+            address,
+            size=size,
+            eight_bit=eight_bit,
+            smtputf8=envelope.smtp_utf8,
+            xforward=self._client_attributes(session, envelope),
+        )
+        if transaction is None:
+            return reply.format()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.eight_bit_declared = eight_bit
+        envelope.relay = transaction
+        return reply.format()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: FilterEnvelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            self.stats.inc("protocol_errors", label="too_many_recipients")
+            return "452 4.5.3 Error: too many recipients"
+        profile: Profile | None = DEFAULT_PROFILE
+        if self.lookup is not None:
+            profile = await self.lookup.profile_for(address)
+        if profile is None:
+            if self.config.mode == "front":
+                return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+            profile = DEFAULT_PROFILE
+        if envelope.profile is not None and profile.name != envelope.profile.name:
+            # One transaction carries one profile; the client sends this one on its own.
+            return f"451 4.3.0 <{address}>: different filter profile, send it separately"
+        if envelope.relay is None:
+            return "503 5.5.1 Error: need MAIL command"
+        reply = await envelope.relay.rcpt(address)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            envelope.profile = profile
+        return reply.format()
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would answer 500: a failure of ours (a lookup that cannot be reached,
+        # say) must make the client try again, not bounce.
+        log.error("session error: %r", error, exc_info=error)
+        self.stats.inc("protocol_errors", label="internal_error")
+        return TEMPFAIL
+
+    def _client_attributes(self, session: Session, envelope: FilterEnvelope) -> dict[str, str]:
+        """What the next hop's XFORWARD gets: the upstream client if a trusted peer told us,
+        else our own peer."""
+        if envelope.xforward is not None:
+            return {k: v for k, v in envelope.xforward.items() if v}
+        peer = session.peer or ("", 0)
+        return {
+            "ADDR": str(peer[0]),
+            "PORT": str(peer[1]) if len(peer) > 1 else "",
+            "NAME": "[UNAVAILABLE]",
+            "HELO": session.host_name or "",
+            "PROTO": "ESMTP" if session.extended_smtp else "SMTP",
+            "SOURCE": "REMOTE",
+        }
+
+    async def finish_data(
+        self, server: SMTP, session: Session, envelope: FilterEnvelope, content: bytes,
+        *, lmtp: bool,
+    ) -> str:
+        """The reply to the end of DATA, given only once the message is safe."""
+        transaction = envelope.relay
+        envelope.relay = None
+        recipients = list(envelope.rcpt_tos)
+        self.stats.inc("messages_received")
+        try:
+            reply = await self._act(session, envelope, transaction, content)
+        except Exception:
+            log.exception("unexpected failure after DATA; answering 451")
+            self.stats.inc("messages_tempfailed", label="error")
+            reply = Reply(451, "4.3.0 Temporary failure, please try again later")
+        if not reply.ok:
+            with contextlib.suppress(Exception):
+                if transaction is not None:
+                    await transaction.abort()
+        if lmtp:
+            # RFC 2033: one reply per accepted recipient, in RCPT order.
+            return "\r\n".join(reply.format(single_line=True) for _ in recipients)
+        return reply.format()
+
+    async def _act(
+        self, session: Session, envelope: FilterEnvelope, transaction: Transaction | None,
+        content: bytes,
+    ) -> Reply:
+        if transaction is None:
+            return Reply(451, "4.4.1 Next hop transaction lost, try again later")
+        profile = envelope.profile or DEFAULT_PROFILE
+        peer = session.peer or ("", 0)
+        facts = PolicyEnvelope(
+            sender=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            client_address=str(peer[0]),
+            helo=session.host_name or "",
+            smtputf8=envelope.smtp_utf8,
+        )
+        try:
+            verdict = await self.policy.decide(content, facts, profile)
+        except Exception:
+            # A check that cannot decide must not let the message through unchecked.
+            log.exception("policy failed; answering 451")
+            self.stats.inc("messages_tempfailed", label="policy")
+            return Reply(451, "4.3.0 Temporary failure in content checks, try again later")
+        size = len(content)
+        if verdict.destiny == "pass":
+            message = self._top_headers(session, envelope, verdict) + content
+            reply = await transaction.data(message)
+            if reply.ok:
+                self.stats.inc("messages_passed")
+                self.stats.inc("bytes_accepted", size)
+                return reply
+            if reply.temporary or reply.code < 400:
+                self.stats.inc("messages_tempfailed", label="next_hop")
+                return Reply(451, f"4.4.0 Next hop said: {' '.join(reply.lines())}")
+            self.stats.inc("messages_rejected", label="next_hop")
+            self.stats.inc("bytes_rejected", size)
+            return reply
+        await transaction.abort()
+        category = verdict.category or "CLEAN"
+        reason = "; ".join(verdict.reasons) or category
+        if verdict.destiny == "reject":
+            self.stats.inc("messages_rejected", label=category)
+            self.stats.inc("bytes_rejected", size)
+            return Reply(554, f"5.7.1 Rejected: {reason}")
+        try:
+            mail_id = await self.sink.write(
+                category=verdict.category or "BADH",
+                message=content,
+                sender=envelope.mail_from or "",
+                recipients=list(envelope.rcpt_tos),
+                reasons=list(verdict.reasons),
+            )
+        except Exception:
+            log.exception("quarantine failed; answering 451")
+            self.stats.inc("messages_tempfailed", label="quarantine")
+            return Reply(451, "4.3.0 Cannot keep a copy of the message now, try again later")
+        self.stats.inc("messages_quarantined", label=category)
+        self.stats.inc("bytes_accepted", size)
+        if verdict.destiny == "bounce":
+            return Reply(554, f"5.7.0 Rejected, id={mail_id} - {category}: {reason}")
+        return Reply(250, f"2.7.0 Ok, discarded, id={mail_id} - {category}")
+
+    def _top_headers(self, session: Session, envelope: FilterEnvelope, verdict: Verdict) -> bytes:
+        """The only change made to a passed message: header fields put on top."""
+        peer = session.peer or ("", 0)
+        helo = _HELO_UNSAFE.sub("?", session.host_name or "unknown")[:255]
+        if isinstance(session, _LMTPSession):
+            proto = "LMTP"
+        else:
+            proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if envelope.smtp_utf8:
+            proto = "UTF8" + ("SMTP" if proto != "LMTP" else "LMTP")
+        local_id = secrets.token_hex(6)
+        received = (
+            f"Received: from {helo} ([{peer[0]}])\r\n"
+            f"\tby {self.config.hostname} (spamviewer) with {proto} id {local_id}"
+        )
+        if len(envelope.rcpt_tos) == 1 and len(envelope.rcpt_tos[0]) < 200:
+            received += f"\r\n\tfor <{envelope.rcpt_tos[0]}>"
+        received += f";\r\n\t{formatdate(localtime=False)}\r\n"
+        block = received.encode("utf-8", "replace")
+        for name, value in verdict.headers:
+            clean = " ".join(value.replace("\0", " ").split())
+            block += f"{name}: {clean}\r\n".encode("utf-8", "replace")
+        return block
+
+
+class _LMTPSession(Session):
+    pass
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return ""
+
+
+def _xtext_decode(value: str) -> str:
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+class _FilterProtocol:
+    """Mixed into aiosmtpd's SMTP or LMTP class; see the module docstring."""
+
+    event_handler: FilterHandler
+    # aiosmtpd's class-level dict grows by 36 octets at every EHLO and is shared by all
+    # instances; each session gets its own here.
+    command_size_limits: dict[str, int]
+
+    def __init__(
+        self, handler: FilterHandler, *, config: FilterConfig, gate: ConnectionGate,
+        stats: Stats, registry: set, **kwargs: Any,
+    ) -> None:
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(  # type: ignore[call-arg]
+            handler,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident="spamviewer",
+            timeout=config.command_timeout,
+            **kwargs,
+        )
+        self.config = config
+        self._gate = gate
+        self._stats = stats
+        self._registry = registry
+        self._gate_ip: str | None = None
+        self._refused = False
+        self._commands = 0
+        self._background: set[asyncio.Task] = set()
+
+    # Connections ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._gate_ip is None and not self._refused:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if peer else ""
+            reason = self._gate.admit(ip)
+            if reason is not None:
+                self._refused = True
+                self._stats.inc("connections_refused", label=reason)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(
+                    f"421 4.7.0 {self.config.hostname} Error: too many connections"
+                    f"{' from your address' if reason == 'per_ip' else ''}\r\n".encode()
+                )
+                transport.close()
+                return
+            self._gate_ip = ip
+            self._stats.inc("connections")
+            self._registry.add(self)
+        super().connection_made(transport)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)  # type: ignore[misc]
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._gate_ip is not None:
+            self._gate.release(self._gate_ip)
+            self._gate_ip = None
+            self._registry.discard(self)
+        self._drop_transaction(self.envelope)
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _timeout_cb(self) -> None:
+        self._stats.inc("protocol_errors", label="timeout")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                f"421 4.4.2 {self.config.hostname} Error: timeout exceeded\r\n".encode()
+            )
+        super()._timeout_cb()  # type: ignore[misc]
+
+    # Transactions ---------------------------------------------------------------------
+    def _create_envelope(self) -> Envelope:
+        return FilterEnvelope()
+
+    def _set_post_data_state(self) -> None:
+        # RSET, HELO/EHLO and the end of DATA all start a new envelope: a next-hop
+        # transaction still open on the old one is ended first.
+        self._drop_transaction(getattr(self, "envelope", None))
+        super()._set_post_data_state()  # type: ignore[misc]
+
+    def _drop_transaction(self, envelope: Envelope | None) -> None:
+        relay = getattr(envelope, "relay", None)
+        if relay is None:
+            return
+        envelope.relay = None  # type: ignore[union-attr]
+        task = asyncio.get_event_loop().create_task(relay.abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # Commands -------------------------------------------------------------------------
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: Any) -> None:
+        super()._cb_client_connected(reader, writer)  # type: ignore[misc]
+        read_line = reader.readuntil
+
+        async def read_command(separator: bytes = b"\n") -> bytes:
+            if separator != b"\n":
+                return await read_line(separator)
+            while True:
+                line = await read_line(separator)
+                self._commands += 1
+                if self._commands > self.config.max_commands:
+                    self._stats.inc("protocol_errors", label="too_many_commands")
+                    await self.push("421 4.7.0 Error: too many commands, closing connection")
+                    self.transport.close()
+                    raise asyncio.CancelledError
+                body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+                if b"\r" in body or b"\0" in body:
+                    # One line is one command: a CR inside must not act as a line end
+                    # anywhere downstream.
+                    self._stats.inc("protocol_errors", label="cr_in_command")
+                    await self.push("501 5.5.2 Syntax error: CR or NUL in command line")
+                    continue
+                if self.config.bare_lf == "reject" and not line.endswith(b"\r\n"):
+                    self._stats.inc("protocol_errors", label="bare_lf")
+                    await self.push("501 5.5.2 Syntax error: command not ended by CRLF")
+                    continue
+                return line
+
+        reader.readuntil = read_command  # type: ignore[method-assign]
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)  # type: ignore[misc]
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        self._stats.inc("tls_attempts")
+        await super().smtp_STARTTLS(arg)  # type: ignore[misc]
+
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        """Postfix's XFORWARD (for logging and the next hop only), from trusted peers."""
+        assert self.session is not None and self.envelope is not None
+        if not self.config.xforward_allowed(_peer_ip(self.session)):
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        pairs = (arg or "").split()
+        parsed = {}
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            name = name.upper()
+            decoded = _xtext_decode(value)
+            if (
+                not sep
+                or name not in XFORWARD_ATTRIBUTES
+                or len(decoded) > 255
+                or not all(33 <= ord(ch) <= 126 for ch in decoded)
+            ):
+                await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+                return
+            parsed[name] = decoded
+        if not parsed:
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+            return
+        envelope: FilterEnvelope = self.envelope  # type: ignore[assignment]
+        if envelope.xforward is None:
+            envelope.xforward = dict.fromkeys(XFORWARD_ATTRIBUTES, "")
+        for name, value in parsed.items():
+            envelope.xforward[name] = "" if value.upper() == "[UNAVAILABLE]" else value
+        await self.push("250 2.0.0 Ok")
+
+    # DATA -----------------------------------------------------------------------------
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():  # type: ignore[attr-defined]
+            return
+        assert self.envelope is not None and self.session is not None
+        envelope: FilterEnvelope = self.envelope  # type: ignore[assignment]
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self._reader._buffer:  # type: ignore[attr-defined]
+            # Message text sent before our 354 (or before the replies to MAIL/RCPT): if
+            # DATA failed those lines would be read as commands. Postfix calls this
+            # "SMTP protocol synchronization"; the session ends here.
+            self._stats.inc("protocol_errors", label="pipelining")
+            await self.push("554 5.5.0 Error: SMTP protocol synchronization")
+            self.transport.close()
+            return
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        accumulator = DataAccumulator(
+            DataLimits(
+                max_size=self.config.max_message_size,
+                max_line_length=self.config.max_line_length,
+                max_header_count=self.config.max_header_count,
+                normalise_bare=self.config.bare_lf == "normalise",
+            )
+        )
+        started = time.monotonic()
+        read = self._reader.readuntil
+        while True:
+            self._reset_timeout(self.config.data_timeout)  # type: ignore[attr-defined]
+            try:
+                chunk = await read(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                chunk = await self._reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                self.transport.close()
+                return
+            if accumulator.at_line_start and chunk == b".\r\n":
+                break
+            accumulator.feed(chunk)
+            if self.config.min_data_rate:
+                allowed = self.config.data_timeout + accumulator.size / self.config.min_data_rate
+                if time.monotonic() - started > allowed:
+                    self._stats.inc("protocol_errors", label="slow_data")
+                    await self.push("421 4.4.2 Error: data too slow, closing connection")
+                    self.transport.close()
+                    return
+        self._reset_timeout()  # type: ignore[attr-defined]
+        self._stats.inc("bytes_received", accumulator.size)
+        if accumulator.bare_seen:
+            self._stats.inc("protocol_errors", label="bare_cr_lf")
+        if accumulator.eight_bit and not envelope.eight_bit_declared:
+            self._stats.inc("protocol_errors", label="8bit_undeclared")
+        if accumulator.state != NOMINAL:
+            self._stats.inc("messages_rejected", label=accumulator.state)
+            self._stats.inc("bytes_rejected", accumulator.size)
+            self._set_post_data_state()
+            await self.push(REFUSALS[accumulator.state])
+            return
+        content = accumulator.content()
+        del accumulator
+        status = await self.event_handler.finish_data(
+            self, self.session, envelope, content, lmtp=isinstance(self, LMTP)
+        )
+        self._commands = 0
+        self._set_post_data_state()
+        await self.push(status)
+
+
+class FilterSMTP(_FilterProtocol, SMTP):
+    pass
+
+
+class FilterLMTP(_FilterProtocol, LMTP):
+    def _create_session(self) -> Session:
+        return _LMTPSession(self.loop)
+
+
+class FilterServer:
+    """The listening worker: `await start()`, `await stop()` (or `serve_forever()`)."""
+
+    def __init__(
+        self,
+        config: FilterConfig,
+        *,
+        sink: QuarantineSink,
+        policy: Policy | None = None,
+        lookup: RecipientLookup | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.policy = policy
+        self.lookup = lookup
+        self.stats = stats or Stats()
+        self.gate = ConnectionGate(
+            max_clients=config.max_clients, max_per_ip=config.max_per_ip
+        )
+        self._server: asyncio.Server | None = None
+        self._metrics: asyncio.Server | None = None
+        self._sessions: set = set()
+        self.relay: Relay | None = None
+        self.handler: FilterHandler | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.relay = Relay(
+            self.config.next_hop_host,
+            self.config.next_hop_port,
+            helo=self.config.hostname,
+            max_backends=self.config.max_backends,
+            connect_timeout=self.config.relay_connect_timeout,
+            command_timeout=self.config.relay_command_timeout,
+            data_timeout=self.config.relay_data_timeout,
+            idle_timeout=self.config.relay_idle_timeout,
+            stats=self.stats,
+        )
+        self.handler = FilterHandler(
+            self.config, relay=self.relay, sink=self.sink, policy=self.policy,
+            lookup=self.lookup, stats=self.stats,
+        )
+        protocol = FilterLMTP if self.config.lmtp else FilterSMTP
+
+        def factory() -> asyncio.Protocol:
+            return protocol(
+                self.handler, config=self.config, gate=self.gate, stats=self.stats,
+                registry=self._sessions, loop=loop,
+            )
+
+        self._server = await loop.create_server(
+            factory, self.config.listen_host, self.config.listen_port, reuse_address=True
+        )
+        if self.config.metrics_enabled:
+            self._metrics = await serve_metrics(
+                self.stats, self.config.metrics_host, self.config.metrics_port
+            )
+        log.info("filter listening on %s:%s", self.config.listen_host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def metrics_port(self) -> int:
+        assert self._metrics is not None
+        return self._metrics.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for server in (self._server, self._metrics):
+            if server is not None:
+                server.close()
+        sessions = list(self._sessions)
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.close()
+        for server in (self._server, self._metrics):
+            if server is not None:
+                await server.wait_closed()
+        # Sessions end (connection_lost runs, handlers are cancelled) and the next-hop
+        # transactions they still held are ended before the pool closes.
+        await asyncio.sleep(0)
+        tasks = []
+        for session in sessions:
+            tasks.extend(session._background)
+            if session._handler_coroutine is not None:
+                tasks.append(session._handler_coroutine)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        if self.relay is not None:
+            await self.relay.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        finally:
+            await self.stop()
+
+
+class ServerThread:
+    """Runs an object with `async start()`/`async stop()` on an event loop in a thread.
+
+    For tests and benchmarks that drive the worker with blocking clients.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: Any = None
+
+    def start(self) -> Any:
+        self._thread.start()
+
+        async def _start() -> Any:
+            server = self._make()
+            await server.start()
+            return server
+
+        self.server = self.run(_start())
+        return self.server
+
+    def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def call(self, func: Callable[[], Any], timeout: float = 30) -> Any:
+        async def _call() -> Any:
+            return func()
+
+        return self.run(_call(), timeout)
+
+    def stop(self) -> None:
+        async def _shutdown() -> None:
+            try:
+                if self.server is not None:
+                    await self.server.stop()
+            finally:
+                # Whatever the server left running (sessions winding down, aborts on the
+                # next hop) gets a moment to finish, then is cancelled.
+                current = asyncio.current_task()
+                pending = [t for t in asyncio.all_tasks() if t is not current]
+                if pending:
+                    _, late = await asyncio.wait(pending, timeout=5)
+                    for task in late:
+                        task.cancel()
+                    await asyncio.gather(*late, return_exceptions=True)
+                await self.loop.shutdown_asyncgens()
+                await self.loop.shutdown_default_executor()
+
+        try:
+            self.run(_shutdown())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            if not self.loop.is_running():
+                self.loop.close()
