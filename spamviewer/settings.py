@@ -125,6 +125,13 @@ LOGIN_METHOD = env_choice("LOGIN_METHOD", "local", ("local", "ldap"))
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "quarantine:list"
 LOGOUT_REDIRECT_URL = "login"
+# Log-in throttling (directory/throttle.py): attempts that have not succeeded within the
+# last LOGIN_LOCKOUT_MINUTES, per typed account name and per client address. Keep the
+# account limit below the directory's own lockout threshold so that guessing here never
+# locks the person out of Windows.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
+LOGIN_IP_FAILURE_LIMIT = env_int("LOGIN_IP_FAILURE_LIMIT", 50, minimum=1)
+LOGIN_LOCKOUT_MINUTES = env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1)
 AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -152,7 +159,8 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", HTTPS_ONLY)
 if HTTPS_ONLY and not SECURE_HSTS_PRELOAD:
     # Turning preload off is a deliberate choice; the check need not nag about it.
     SILENCED_SYSTEM_CHECKS = ["security.W021"]
-if env_bool("BEHIND_PROXY", False):
+BEHIND_PROXY = env_bool("BEHIND_PROXY", False)
+if BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
@@ -161,7 +169,10 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600, minimum=60)
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
-SECURE_REFERRER_POLICY = "no-referrer"
+# same-origin, not no-referrer: nothing (quarantine ids in URLs included) reaches another
+# site, while the browser still sends a real Origin on our own form posts. With
+# no-referrer it sends "Origin: null" and Django's CSRF check refuses every form.
+SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 # The pages carry no script at all and load nothing from elsewhere; mail content is shown
 # as text only. The policy says so, so that a rendering mistake still cannot run code.
@@ -216,6 +227,8 @@ LDAP_CA_FILE = env_str("LDAP_CA_FILE")
 LDAP_ALLOW_INSECURE = env_bool("LDAP_ALLOW_INSECURE", True)
 LDAP_PAGE_SIZE = env_int("LDAP_PAGE_SIZE", 1000, minimum=1)
 LDAP_TIMEOUT = env_int("LDAP_TIMEOUT", 10, minimum=1)
+# `DOMAIN\user` logs in as sAMAccountName `user` only when DOMAIN is this NetBIOS name.
+LDAP_NETBIOS_DOMAIN = env_str("LDAP_NETBIOS_DOMAIN")
 DIRECTORY_SYNC_CRON = env_str("DIRECTORY_SYNC_CRON", "30 2 * * *")
 DIRECTORY_SYNC_LOCK = Path(env_str("DIRECTORY_SYNC_LOCK", str(VAR_DIR / "directory-sync.lock")))
 RELAY_MAP_PATH = Path(env_str("RELAY_MAP_PATH", str(VAR_DIR / "relay_recipients")))

@@ -12,6 +12,7 @@ import pytest
 from django.contrib.auth.models import User
 
 from directory.models import Address
+from quarantine.indexer import index_file
 from quarantine.models import Message, Recipient
 from quarantine.store import FileStore, generate_mail_id
 
@@ -93,7 +94,7 @@ def build_mail(
 
 @pytest.fixture
 def make_message(settings):
-    """Write a quarantine file into the test store and index it (rows made directly)."""
+    """Write a quarantine file into the test store and index it with the real indexer."""
 
     counter = {"n": 0}
 
@@ -118,17 +119,86 @@ def make_message(settings):
         store = FileStore(settings.QUARANTINE_DIR, subdir_levels=1)
         key = store.write(category=category, mail_id=mail_id, message=raw, sender=sender,
                           recipients=recipients)
-        st = store.stat(key)
+        message = index_file(store, key)
+        # Overrides the tests need: a fixed order, a score, reasons. They go to the same
+        # columns the indexer fills, on the message and on its recipient rows.
         when = received_at or datetime.now(UTC) - timedelta(seconds=1000 - counter["n"])
-        message = Message.objects.create(
-            mail_id=mail_id, category=category, envelope_sender=sender, from_header=from_,
-            to_header=", ".join(recipients), subject=subject, received_at=when, size=len(raw),
-            spam_score=spam_score, reasons=reasons, origin=str(settings.QUARANTINE_DIR),
-            storage_key=key, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns,
-        )
-        for address in recipients:
-            Recipient.objects.create(message=message, address=address.lower(),
-                                     received_at=when, category=category)
+        overrides: dict[str, object] = {"received_at": when}
+        if spam_score is not None:
+            overrides["spam_score"] = spam_score
+        if reasons:
+            overrides["reasons"] = reasons
+        Message.objects.filter(pk=message.pk).update(**overrides)
+        Recipient.objects.filter(message=message).update(received_at=when)
+        message.refresh_from_db()
         return message
 
     return make
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on a loopback port chosen by the kernel.
+
+    `received` holds (envelope sender, recipients, data as received on the wire after
+    dot-unstuffing); `reply` is its answer at end of data; `delay` holds the answer back."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    reply: str = "250 2.0.0 Ok: queued"
+    delay: float = 0.0
+    received: list[tuple[str, list[str], bytes]] | None = None
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 - aiosmtpd hook
+        import asyncio
+
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.reply.startswith("250"):
+            self.received.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+            )
+        return self.reply
+
+
+@pytest.fixture
+def smtp_sink(settings):
+    """Start an SmtpSink in its own event loop thread and point the release settings at it."""
+    import asyncio
+    import threading
+
+    from aiosmtpd.smtp import SMTP
+
+    sink = SmtpSink(received=[])
+    loop = asyncio.new_event_loop()
+
+    def factory() -> SMTP:
+        return SMTP(sink, hostname="sink.test", loop=loop)
+
+    server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
+    sink.port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    settings.RELEASE_SMTP_HOST = sink.host
+    settings.RELEASE_SMTP_PORT = sink.port
+    settings.RELEASE_SMTP_TIMEOUT = 10
+    yield sink
+
+    async def stop() -> None:
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
