@@ -118,6 +118,10 @@ def main() -> None:
     _setup_database(args.rows)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "spamviewer.settings")
     os.environ["SPAMVIEWER_IGNORE_DOTENV"] = "1"
+    import tempfile
+
+    static_root = tempfile.mkdtemp(prefix="bench-static-")
+    os.environ["STATIC_ROOT"] = static_root
     import django
 
     django.setup()
@@ -126,6 +130,7 @@ def main() -> None:
 
     try:
         call_command("migrate", verbosity=0)
+        call_command("collectstatic", interactive=False, verbosity=0)
         t0 = time.perf_counter()
         _fill(args.rows)
         fill_s = time.perf_counter() - t0
@@ -142,7 +147,7 @@ def main() -> None:
         assert admin.login(username="vadmin", password="bench-password-v")
         first = user.get("/")
         context = first.context or {}
-        older = context["older_url"] if "older_url" in context else None
+        older = f"/?{context['older_query']}" if context.get("older_query") else None
         cases = [
             ("baseline /healthz", user, "/healthz"),
             ("user list, first page", user, "/"),
@@ -165,6 +170,9 @@ def main() -> None:
             print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base_p50:12.1f}x")
     finally:
         _drop_database()
+        import shutil
+
+        shutil.rmtree(static_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
