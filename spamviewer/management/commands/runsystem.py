@@ -25,19 +25,26 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         python = sys.executable
         web = options["web_listen"]
+        manage = str(settings.BASE_DIR / "manage.py")
         services = {
             "web": [
                 python, "-m", "gunicorn", "spamviewer.wsgi:application",
                 "--bind", web, "--workers", "2", "--access-logfile", "-",
             ],
+            # The filter reads FILTER_LISTEN / FILTER_NEXT_HOP (127.0.0.1:10024 -> :10025).
+            "filter": [python, manage, "runfilter"],
         }
         procs: dict[str, subprocess.Popen] = {}
         for name, argv in services.items():
             procs[name] = subprocess.Popen(argv, cwd=settings.BASE_DIR, env=os.environ.copy())
         self.stdout.write(
-            self.style.SUCCESS(f"Web viewer: http://{web}/  (database: "
-                               f"{settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
-                               f"store: {settings.QUARANTINE_DIR})\nCtrl-C stops everything.")
+            self.style.SUCCESS(
+                f"Web viewer: http://{web}/\n"
+                f"Filter: SMTP on {env_str('FILTER_LISTEN', '127.0.0.1:10024')}, passing mail to "
+                f"{env_str('FILTER_NEXT_HOP', '127.0.0.1:10025')}\n"
+                f"Database: {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}, "
+                f"store: {settings.QUARANTINE_DIR}\nCtrl-C stops everything."
+            )
         )
         stopping = False
 
