@@ -1,14 +1,20 @@
-"""Logging in with LOGIN_METHOD=ldap.
+"""Logging in: the log-in page, and the backends of LOGIN_METHOD=ldap.
+
+The page (LoginView below) is Django's, with the throttle of directory/throttle.py in
+front: over a limit, no backend is asked at all and the answer is 429. A wrong password
+and an unknown name get the same page.
 
 Two backends, in this order (see AUTHENTICATION_BACKENDS in settings):
 - LocalAccountBackend: vadmin, and accounts made locally, log in with the password kept
   here. A user that came from the directory never does: its password is the directory's.
-- DirectoryBackend: people type an e-mail address. With the sync account we search for the
-  one enabled person whose `mail`, `proxyAddresses` (`smtp:<address>`, compared without
-  regard to case) or `userPrincipalName` is that address, then bind as that person with the
-  password typed. No match, several matches or a refused bind: no login. The viewer user
-  is the one the sync keeps for that directory object (named by the primary address,
-  whichever alias was typed), and its addresses are refreshed from the directory.
+- DirectoryBackend: people type an e-mail address (or their sAMAccountName, bare or as
+  `DOMAIN\\user` when DOMAIN is LDAP_NETBIOS_DOMAIN). With the sync account we search for
+  the one enabled person whose `mail`, `proxyAddresses` (`smtp:<address>`, compared without
+  regard to case), `userPrincipalName` or `sAMAccountName` is that value, then bind as that
+  person with the password typed. No match, several matches or a refused bind: no login.
+  The viewer user is the one the sync keeps for that directory object (named by the
+  primary address, whichever alias was typed), and its addresses are refreshed from the
+  directory.
 
 An empty, whitespace-only or NUL-carrying password is refused before the server is asked:
 AD treats a simple bind with an empty password as an unauthenticated bind and reports
@@ -23,6 +29,7 @@ import logging
 
 import ldap
 from django.conf import settings
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.backends import ModelBackend
 from django_auth_ldap.backend import LDAPBackend
 from django_auth_ldap.config import LDAPSearch, LDAPSearchUnion, LDAPSettings
@@ -30,11 +37,50 @@ from django_auth_ldap.config import LDAPSearch, LDAPSearchUnion, LDAPSettings
 from directory.ldap import DirectoryConfig, DirectoryError, open_connection
 from directory.models import DirectoryIdentity
 from directory.sync import ATTRIBUTES, user_for_login
+from directory.throttle import Attempt, attempt_succeeded, client_ip, start_attempt
 
 log = logging.getLogger(__name__)
 
 ENABLED = "(!(userAccountControl:1.2.840.113556.1.4.803:=2))"
-MATCHES_ADDRESS = "(|(mail=%(user)s)(proxyAddresses=smtp:%(user)s)(userPrincipalName=%(user)s))"
+# An address cannot be a sAMAccountName (AD refuses "@" in one), so one filter serves both.
+MATCHES_ADDRESS = ("(|(mail=%(user)s)(proxyAddresses=smtp:%(user)s)"
+                   "(userPrincipalName=%(user)s)(sAMAccountName=%(user)s))")
+
+
+def account_name(username: str) -> str:
+    """`username` without a `DOMAIN\\` prefix when DOMAIN is LDAP_NETBIOS_DOMAIN (compared
+    without regard to case). Any other prefix stays, and then matches nobody: a
+    sAMAccountName cannot contain a backslash."""
+    domain, sep, name = username.partition("\\")
+    netbios = settings.LDAP_NETBIOS_DOMAIN.strip()
+    if sep and netbios and domain.strip().casefold() == netbios.casefold():
+        return name
+    return username
+
+
+class LoginView(auth_views.LoginView):
+    """Django's log-in page behind the throttle."""
+
+    template_name = "login.html"
+    redirect_authenticated_user = True
+    attempt: Attempt | None = None
+
+    def post(self, request, *args, **kwargs):
+        username = request.POST.get("username", "")
+        if username.strip() and request.POST.get("password"):
+            # Only attempts the form would authenticate are counted (it refuses a missing
+            # name or password by itself).
+            self.attempt = start_attempt(username, client_ip(request))
+            if self.attempt.refused:
+                context = self.get_context_data(form=self.form_class(request),
+                                                retry_minutes=self.attempt.retry_minutes)
+                return self.render_to_response(context, status=429)
+        return super().post(request, *args, **kwargs)
+
+    def form_valid(self, form):
+        if self.attempt is not None:
+            attempt_succeeded(self.attempt, username=form.get_user().get_username())
+        return super().form_valid(form)
 
 
 def usable_password(password: str | None) -> bool:
@@ -91,8 +137,11 @@ class DirectoryBackend(LDAPBackend):
             return None
         if not username or not username.strip() or "\x00" in username:
             return None
+        username = account_name(username.strip()).strip()
+        if not username:
+            return None
         try:
-            return super().authenticate(request, username=username.strip(),
+            return super().authenticate(request, username=username,
                                         password=password, **kwargs)
         except DirectoryError as exc:
             log.error("directory login of %r failed: %s", username[:320], exc)

@@ -249,7 +249,13 @@ def _initialize(attempt: _Attempt, config: DirectoryConfig) -> LDAPObject:
 def _probe_tls(attempt: _Attempt, config: DirectoryConfig) -> None:
     """A TLS handshake with a timeout before python-ldap tries: a server that accepts TCP
     but never speaks TLS makes libldap hang despite its own timeouts."""
-    context = ssl.create_default_context(cafile=config.ca_file or None)
+    try:
+        context = ssl.create_default_context(cafile=config.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        # A missing or unreadable CA file is a TLS configuration error, not a crash.
+        raise DirectoryTLSError(
+            attempt.url, f"LDAP_CA_FILE {config.ca_file}: cannot load ({exc})"
+        ) from None
     try:
         with socket.create_connection((attempt.host, attempt.port), timeout=config.timeout
                                       ) as raw, context.wrap_socket(

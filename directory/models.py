@@ -54,3 +54,28 @@ class DirectoryIdentity(models.Model):
 
     def __str__(self) -> str:
         return self.dn
+
+
+class LoginFailure(models.Model):
+    """One log-in attempt that has not succeeded, kept for LOGIN_LOCKOUT_MINUTES.
+
+    The row is written before the password is checked and deleted when the attempt
+    succeeds, so an attempt that is still running already counts: workers and hosts that
+    share the database see the same counts. `account` is a hash of the typed name (see
+    directory/throttle.py), which keeps passwords typed into the name field out of the
+    table.
+    """
+
+    account = models.CharField(max_length=64)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account", "at"], name="loginfailure_account_at"),
+            models.Index(fields=["ip", "at"], name="loginfailure_ip_at"),
+            models.Index(fields=["at"], name="loginfailure_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account[:12]} from {self.ip} at {self.at:%Y-%m-%d %H:%M:%S}"

@@ -1,14 +1,11 @@
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from directory.auth import LoginView
 from spamviewer import views
 
 urlpatterns = [
-    path(
-        "login/",
-        auth_views.LoginView.as_view(template_name="login.html", redirect_authenticated_user=True),
-        name="login",
-    ),
+    path("login/", LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", views.healthz, name="healthz"),
     path("console/", include("directory.urls")),

@@ -59,6 +59,12 @@ def test_a_certificate_from_an_unknown_ca_is_refused_over_ldaps(config, slapd):
     assert slapd.ldaps_url in str(refused.value)
 
 
+def test_a_missing_ca_file_is_a_tls_error_naming_the_file(config, tmp_path):
+    missing = tmp_path / "no-such-ca.pem"
+    with pytest.raises(DirectoryTLSError, match=r"LDAP_CA_FILE .*no-such-ca.pem: cannot load"):
+        connect(dataclasses.replace(config, ca_file=str(missing)))
+
+
 def test_a_certificate_for_another_host_name_is_refused_over_ldaps(config, slapd):
     wrong_host = dataclasses.replace(config, server=f"ldaps://{WRONG_SERVER_NAME}:{slapd.ldaps_port}")
     with pytest.raises(DirectoryTLSError, match=r"certificate refused.*(?i:host|IP)"):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
+from importlib import import_module
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.auth import authenticate
 from django.contrib.auth.models import User
 from django.test import Client
@@ -12,7 +15,7 @@ from ldap.dn import str2dn
 
 from directory.models import Address, DirectoryIdentity
 from tests.conftest import PASSWORD as LOCAL_PASSWORD
-from tests.directory.slapd import PASSWORD
+from tests.directory.slapd import PASSWORD, person, start_slapd
 
 pytestmark = [pytest.mark.slapd, pytest.mark.django_db]
 
@@ -29,6 +32,7 @@ def people(settings, directory):
     # A DN with every character that DN syntax escapes, to show the DN is used as the
     # server returned it and never escaped twice.
     directory.person(ALICE_CN, mail="alice@example.test", upn="a*(smith)@corp.example.test",
+                     sam="asmith",
                      proxy=["SMTP:alice@example.test", "smtp:a.smith@example.test",
                             "X500:/o=Example/cn=alice"])
     directory.person("Leaver", mail="leaver@example.test", disabled=True)
@@ -190,5 +194,136 @@ def test_a_user_disabled_by_the_sync_loses_the_session_on_the_next_request(peopl
     User.objects.filter(username="alice@example.test").update(is_active=False)
 
     response = client.get("/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/login/")
+
+
+@pytest.mark.parametrize("typed", ["EXAMPLE\\asmith", "example\\ASMITH", "asmith", "ASmith",
+                                   " Example\\asmith "])
+def test_the_sam_account_name_logs_in_bare_or_behind_our_netbios_domain(settings, people,
+                                                                        typed):
+    settings.LDAP_NETBIOS_DOMAIN = "EXAMPLE"
+
+    client, response = _login(typed, PASSWORD)
+
+    assert response.status_code == 302
+    assert _logged_in_as(client) == "alice@example.test"
+    assert User.objects.filter(username__startswith="a").count() == 1
+
+
+@pytest.mark.parametrize("typed", ["OTHER\\asmith", "EXAMPLE\\EXAMPLE\\asmith", "\\asmith",
+                                   "EXAMPLE\\", "EXAMPLE\\alice@example.test\\"])
+def test_a_domain_prefix_other_than_ours_logs_in_nobody(settings, people, typed):
+    settings.LDAP_NETBIOS_DOMAIN = "EXAMPLE"
+
+    client, _ = _login(typed, PASSWORD)
+
+    assert _logged_in_as(client) is None
+
+
+def test_without_a_netbios_domain_a_domain_prefix_logs_in_nobody(settings, people):
+    settings.LDAP_NETBIOS_DOMAIN = ""
+
+    client, _ = _login("EXAMPLE\\asmith", PASSWORD)
+
+    assert _logged_in_as(client) is None
+
+
+@pytest.mark.parametrize("typed", ["jsmith", "EXAMPLE\\jsmith"])
+def test_a_sam_account_name_two_people_share_is_ambiguous_and_logs_in_nobody(
+        settings, people, typed):
+    settings.LDAP_NETBIOS_DOMAIN = "EXAMPLE"
+    people.person("John Smith", mail="john.smith@example.test", sam="jsmith")
+    people.person("Jane Smith", mail="jane.smith@example.test", sam="jsmith")
+
+    client, _ = _login(typed, PASSWORD)
+
+    assert _logged_in_as(client) is None
+    assert not User.objects.filter(username__endswith="smith@example.test").exists()
+
+
+def _generic_page(response) -> bytes:
+    return re.sub(rb'name="csrfmiddlewaretoken" value="[^"]*"', b"", response.content)
+
+
+def test_a_wrong_sync_password_fails_closed_with_the_generic_message_for_any_password(
+        settings, people):
+    settings.LDAP_BIND_PASSWORD = "not the sync password"
+
+    right_client, right = _login("alice@example.test", PASSWORD)
+    _, wrong = _login("alice@example.test", "wrong password")
+
+    assert right.status_code == wrong.status_code == 200
+    assert b"not right" in right.content
+    assert _generic_page(right) == _generic_page(wrong)
+    assert _logged_in_as(right_client) is None
+    assert authenticate(username="alice@example.test", password=PASSWORD) is None
+
+
+def test_a_stopped_directory_fails_the_login_closed_without_a_local_fallback(
+        settings, people, tmp_path):
+    (tmp_path / "slapd").mkdir()
+    server = start_slapd(tmp_path / "slapd")
+    try:
+        ou = server.new_ou()
+        server.add(f"cn=Frank,{ou}", person("Frank", mail="frank@example.test"))
+        settings.LDAP_SERVER = server.ldaps_url
+        # Stopping the server removes its directory, CA included: keep a copy.
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(server.ca_file.read_bytes())
+        settings.LDAP_CA_FILE = str(ca_file)
+        settings.LDAP_BASE_DN = [ou]
+        running, _ = _login("frank@example.test", PASSWORD)
+        assert _logged_in_as(running) == "frank@example.test"
+        # A local password on a directory user must not become a way in while the
+        # directory is down.
+        user = User.objects.get(username="frank@example.test")
+        user.set_password("a local password 123")
+        user.save()
+    finally:
+        server.stop()
+
+    stopped_client, stopped = _login("frank@example.test", PASSWORD)
+    local_client, local = _login("frank@example.test", "a local password 123")
+
+    assert stopped.status_code == local.status_code == 200
+    assert b"not right" in stopped.content
+    assert _generic_page(stopped) == _generic_page(local)
+    assert _logged_in_as(stopped_client) is None
+    assert _logged_in_as(local_client) is None
+
+
+def _session_store():
+    return import_module(django_settings.SESSION_ENGINE).SessionStore
+
+
+def test_logging_in_replaces_a_session_key_set_beforehand(people):
+    planted = _session_store()()
+    planted["planted"] = True
+    planted.create()
+    client = Client()
+    client.cookies[django_settings.SESSION_COOKIE_NAME] = planted.session_key
+    client.get("/login/")
+    csrf_before = client.cookies[django_settings.CSRF_COOKIE_NAME].value
+
+    response = client.post("/login/", {"username": "alice@example.test", "password": PASSWORD})
+
+    assert _logged_in_as(client) == "alice@example.test"
+    assert client.session.session_key != planted.session_key
+    assert not _session_store()().exists(planted.session_key)
+    assert response.cookies[django_settings.CSRF_COOKIE_NAME].value != csrf_before
+
+
+def test_logging_out_ends_the_session_on_the_server(people):
+    client, _ = _login("alice@example.test", PASSWORD)
+    key = client.session.session_key
+    assert client.get("/").status_code == 200
+
+    client.post("/logout/")
+    replay = Client()
+    replay.cookies[django_settings.SESSION_COOKIE_NAME] = key
+    response = replay.get("/")
+
+    assert not _session_store()().exists(key)
     assert response.status_code == 302
     assert response["Location"].startswith("/login/")
