@@ -154,6 +154,9 @@ def main() -> None:
             ("user search 'invoice'", user, "/?q=invoice"),
             ("vadmin list, first page", admin, "/"),
             ("vadmin search 'invoice'", admin, "/?q=invoice"),
+            # No row matches: every row of the scope is read (the worst case).
+            ("user search, no match", user, "/?q=zzzznomatch"),
+            ("vadmin search, no match", admin, "/?q=zzzznomatch"),
         ]
         if older:
             cases.insert(2, ("user list, next page", user, older))

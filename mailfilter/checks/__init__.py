@@ -1,0 +1,1 @@
+"""The checks, one module per family. Each takes a `ParsedMessage` and returns findings."""

@@ -1,0 +1,882 @@
+"""Parse a message once, with bounded work, into what the checks look at.
+
+`parse_message(raw)` never raises for any input: whatever is wrong with the message
+becomes a named `Defect`, and the checks decide what a defect means (a BADH finding, or
+BANNED when it means part of the content could not be seen).
+
+Bounded work comes first. Python's `email` parser recurses once per nesting level
+(RecursionError near 1000 levels, and `as_bytes()`/`walk()` fail earlier), builds one
+object per part, and runs a quadratic loop over the parameters of a long Content-Type
+(`email.message._parseparam`). So before it sees anything, a cheap line scan
+(`_Structure`) measures what the parser would be asked to build: nesting depth, parts,
+header fields and header bytes per header section, parameter-header length. Beyond any cap
+the parser is not run at all; the message keeps its top header fields and its raw body as
+one opaque part, and a defect (`too-deep`, `too-many-parts`, ...) says why. Those defects
+are in `UNSCANNABLE`.
+
+Everything else is ours, written to be linear: parameter splitting (so duplicate and
+RFC 2231 continued parameters are seen as written, which Python's parser hides),
+RFC 2047 decoding with bounded encoded words, lenient base64 and quoted-printable
+decoding that records what was wrong, file-name variants, and header-section checks on the
+raw bytes (8-bit, NUL, bare CR, long lines, whitespace-only folded lines, syntax, missing
+and duplicate fields).
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import errors as email_errors
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+
+from mailfilter import archives
+from mailfilter.sniff import LISTABLE_ARCHIVES, OPAQUE_ARCHIVES, sniff
+
+
+@dataclass(frozen=True)
+class MimeLimits:
+    max_depth: int = 64
+    max_parts: int = 1000
+    max_header_count: int = 1000
+    max_header_bytes: int = 1_000_000
+    max_addresses: int = 1000
+    # Content-Type / Content-Disposition values longer than this, or with more
+    # parameters, are not handed to Python's quadratic parameter splitter.
+    max_parameter_header: int = 16_384
+    max_parameters: int = 100
+    budget_seconds: float = 5.0
+    archive_limits: archives.ArchiveLimits = archives.DEFAULT_LIMITS
+
+
+DEFAULT_LIMITS = MimeLimits()
+
+# Defects after which some of the content was not looked at, or could be read two ways.
+UNSCANNABLE = frozenset(
+    {
+        "too-deep",
+        "too-many-parts",
+        "too-many-headers",
+        "header-section-too-large",
+        "parameter-header-too-large",
+        "parse-failure",
+        "work-budget-exceeded",
+        "duplicate-boundary",
+    }
+)
+
+SINGLETON_HEADERS = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "mime-version",
+)
+ADDRESS_HEADERS = frozenset(
+    {"from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-to", "resent-cc"}
+)
+
+_PYTHON_DEFECTS = {
+    email_errors.NoBoundaryInMultipartDefect: "missing-boundary",
+    email_errors.StartBoundaryNotFoundDefect: "start-boundary-not-found",
+    email_errors.CloseBoundaryNotFoundDefect: "missing-close-boundary",
+    email_errors.MultipartInvariantViolationDefect: "multipart-invariant-violation",
+    email_errors.FirstHeaderLineIsContinuationDefect: "header-syntax",
+    email_errors.MissingHeaderBodySeparatorDefect: "header-syntax",
+    email_errors.MisplacedEnvelopeHeaderDefect: "header-syntax",
+    email_errors.InvalidMultipartContentTransferEncodingDefect: "bad-multipart-encoding",
+}
+
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|\Z)")
+_HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
+_DELIMITER = re.compile(rb"(?:\A|(?<=[\r\n]))--")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([QqBb])\?([^?\s]{0,1024})\?=")
+_BAD_QP = re.compile(rb"=(?![0-9A-Fa-f]{2}|[ \t]*(?:\r\n|\r|\n|\Z))")
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_NOT_B64 = bytes(byte for byte in range(256) if byte not in _B64_ALPHABET)
+_UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]+?)[ \t]*\r?$", re.MULTILINE)
+_YENC_BEGIN = re.compile(rb"^=ybegin [^\r\n]*?name=([^\r\n]+?)[ \t]*\r?$", re.MULTILINE)
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+@dataclass(frozen=True)
+class Defect:
+    name: str
+    detail: str = ""
+    part: str = ""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A file carried inside a text part (uuencode, yEnc)."""
+
+    name: str
+    encoding: str
+    data: bytes
+
+
+@dataclass
+class Part:
+    """One node of the MIME tree. `path` is "" for the message itself, then "1", "2.1"..."""
+
+    path: str
+    depth: int
+    content_type: str
+    declared_type: str
+    params: list[tuple[str, str]]
+    disposition: str
+    transfer_encoding: str
+    filenames: list[str]
+    payload: bytes
+    sniffed: str | None
+    is_container: bool
+    headers: list[tuple[str, str]]
+    embedded: list[Embedded] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"part {self.path}" if self.path else "message body"
+
+
+@dataclass
+class ParsedMessage:
+    raw: bytes
+    headers: list[tuple[str, bytes]]
+    parts: list[Part]
+    defects: list[Defect]
+    texts: list[tuple[str, bytes]]
+    limits: MimeLimits = DEFAULT_LIMITS
+    deadline: float = 0.0
+    _listings: dict[str, archives.ArchiveListing] = field(default_factory=dict)
+
+    def walk(self) -> Iterator[Part]:
+        """Leaf parts, in document order, nested messages included."""
+        return (part for part in self.parts if not part.is_container)
+
+    def header(self, name: str) -> str | None:
+        """The first field called `name`, unfolded and decoded (RFC 2047, 8-bit as UTF-8).
+
+        CR, LF and NUL that an encoded word decodes to are replaced by spaces: decoded
+        values are for matching and display, never to be written back as a header.
+        """
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [
+            decode_header_value(_text(value))
+            for field_name, value in self.headers
+            if field_name.lower() == wanted
+        ]
+
+    def raw_header_all(self, name: str) -> list[bytes]:
+        wanted = name.lower()
+        return [value for field_name, value in self.headers if field_name.lower() == wanted]
+
+    @property
+    def defect_names(self) -> set[str]:
+        return {defect.name for defect in self.defects}
+
+    @property
+    def unscannable(self) -> list[Defect]:
+        return [defect for defect in self.defects if defect.name in UNSCANNABLE]
+
+    def listing(self, part: Part) -> archives.ArchiveListing | None:
+        """The archive listing of a part whose content is an archive, computed once."""
+        if part.sniffed not in LISTABLE_ARCHIVES | OPAQUE_ARCHIVES:
+            return None
+        if part.path not in self._listings:
+            name = part.filenames[0] if part.filenames else part.label
+            self._listings[part.path] = archives.list_archive(
+                part.payload,
+                name=name,
+                kind=part.sniffed,
+                limits=self.limits.archive_limits,
+                deadline=self.deadline + self.limits.archive_limits.budget_seconds,
+            )
+        return self._listings[part.path]
+
+    def scan_blobs(self) -> Iterator[tuple[str, bytes]]:
+        """Every byte string a content scanner should see, with a label.
+
+        The raw message (so header fields, preambles and anything the parse could not
+        place are scanned too), each part's decoded content, files embedded in text parts,
+        and the preambles and epilogues of multiparts.
+        """
+        yield "message", self.raw
+        for part in self.walk():
+            yield part.label, part.payload
+            for embedded in part.embedded:
+                yield f"{part.label} {embedded.encoding} {embedded.name}", embedded.data
+        yield from self.texts
+
+
+def parse_message(raw: bytes, *, limits: MimeLimits = DEFAULT_LIMITS) -> ParsedMessage:
+    """Parse `raw` (a whole message, any line endings); never raises."""
+    deadline = time.monotonic() + limits.budget_seconds
+    structure = _Structure(raw, limits)
+    try:
+        structure.scan()
+    except _Exceeded:
+        pass
+    except Exception as exc:
+        # Any failure of the scan is a finding about the message, not a crash.
+        structure.defects.append(Defect("parse-failure", f"structure scan: {type(exc).__name__}"))
+    headers = structure.top_headers
+    defects = list(structure.defects)
+    defects.extend(_header_section_defects(structure.top_lines, headers, limits))
+    message = ParsedMessage(
+        raw=raw,
+        headers=headers,
+        parts=[],
+        defects=defects,
+        texts=[],
+        limits=limits,
+        deadline=deadline,
+    )
+    if any(defect.name in UNSCANNABLE for defect in defects):
+        message.parts.append(_opaque_part(raw[structure.top_end :], headers))
+        return message
+    try:
+        tree = BytesParser(policy=compat32).parsebytes(raw)
+        _Walker(message, deadline).walk(tree)
+    except RecursionError:
+        message.defects.append(Defect("too-deep", "the parser ran out of stack"))
+        _replace_parts(message, raw[structure.top_end :])
+    except _BudgetExceeded:
+        message.defects.append(
+            Defect("work-budget-exceeded", f"over {limits.budget_seconds:g} s of parsing")
+        )
+        _replace_parts(message, raw[structure.top_end :])
+    except Exception as exc:
+        # Whatever the parser trips on becomes a finding, never a crashed worker.
+        message.defects.append(Defect("parse-failure", type(exc).__name__))
+        _replace_parts(message, raw[structure.top_end :])
+    return message
+
+
+def _replace_parts(message: ParsedMessage, body: bytes) -> None:
+    message.parts[:] = [_opaque_part(body, message.headers)]
+
+
+def _opaque_part(body: bytes, headers: list[tuple[str, bytes]]) -> Part:
+    return Part(
+        path="",
+        depth=0,
+        content_type="application/octet-stream",
+        declared_type="",
+        params=[],
+        disposition="",
+        transfer_encoding="",
+        filenames=[],
+        payload=body,
+        sniffed=sniff(body),
+        is_container=False,
+        headers=[(name, _text(value)) for name, value in headers],
+    )
+
+
+# -- the structure scan ---------------------------------------------------------------
+
+
+class _Exceeded(Exception):
+    pass
+
+
+class _BudgetExceeded(Exception):
+    pass
+
+
+class _Structure:
+    """Counts, with the parser's own line rules, what the parser would build.
+
+    Lines end at CRLF, CR or LF (as in `email.feedparser`). A header section ends at an
+    empty line or at the first line that is neither a field nor a continuation. In a body
+    only lines starting with "--" matter: they are matched against the boundaries of every
+    open multipart, innermost first, and an outer boundary closes the inner ones, as the
+    parser does.
+    """
+
+    def __init__(self, raw: bytes, limits: MimeLimits) -> None:
+        self.raw = raw
+        self.limits = limits
+        self.defects: list[Defect] = []
+        self.top_headers: list[tuple[str, bytes]] = []
+        self.top_lines: list[bytes] = []
+        self.top_end = 0
+        self.parts = 1
+        # open multiparts: (boundary, depth of the multipart)
+        self.stack: list[tuple[bytes, int]] = []
+
+    def fail(self, name: str, detail: str) -> _Exceeded:
+        self.defects.append(Defect(name, detail))
+        return _Exceeded(name)
+
+    def count_part(self) -> None:
+        self.parts += 1
+        if self.parts > self.limits.max_parts:
+            raise self.fail("too-many-parts", f"more than {self.limits.max_parts} MIME parts")
+
+    def scan(self) -> None:
+        pos, lines, fields = self.header_section(0, top=True)
+        self.top_end = pos
+        self.top_lines = lines
+        self.top_headers = fields
+        pos = self.body(pos, fields, depth=0)
+        while True:
+            found = self.next_delimiter(pos)
+            if found is None:
+                return
+            start, end, boundary_index, closing = found
+            depth = self.stack[boundary_index][1]
+            del self.stack[boundary_index + (1 if not closing else 0) :]
+            pos = end
+            if not closing:
+                self.count_part()
+                pos, _, fields = self.header_section(pos, top=False)
+                pos = self.body(pos, fields, depth=depth)
+
+    def next_delimiter(self, pos: int) -> tuple[int, int, int, bool] | None:
+        if not self.stack:
+            return None
+        boundaries = {boundary: index for index, (boundary, _) in enumerate(self.stack)}
+        for match in _DELIMITER.finditer(self.raw, pos):
+            line = _LINE.match(self.raw, match.start())
+            assert line is not None
+            text = line.group().rstrip(b"\r\n").rstrip(b" \t")[2:]
+            closing = text.endswith(b"--") and text[:-2] in boundaries
+            key = text[:-2] if closing else text
+            if key in boundaries:
+                return match.start(), line.end(), boundaries[key], closing
+        return None
+
+    def header_section(self, pos: int, *, top: bool) -> tuple[int, list[bytes], list]:
+        lines: list[bytes] = []
+        fields: list[tuple[str, bytes]] = []
+        size = 0
+        raw = self.raw
+        while pos < len(raw):
+            match = _LINE.match(raw, pos)
+            assert match is not None
+            line = match.group()
+            if not _HEADER_LINE.match(line):
+                if line.strip(b"\r\n") == b"":
+                    pos = match.end()
+                elif top:
+                    self.defects.append(
+                        Defect("header-syntax", f"header line {len(lines) + 1} is not a field")
+                    )
+                break
+            pos = match.end()
+            size += len(line)
+            if size > self.limits.max_header_bytes:
+                raise self.fail(
+                    "header-section-too-large",
+                    f"header section over {self.limits.max_header_bytes} bytes",
+                )
+            if line[:1] in (b" ", b"\t") and fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + line)
+            else:
+                if len(fields) >= self.limits.max_header_count:
+                    raise self.fail(
+                        "too-many-headers",
+                        f"more than {self.limits.max_header_count} header fields",
+                    )
+                field_match = _FIELD.match(line)
+                if field_match:
+                    fields.append((field_match.group(1).decode("ascii"), line[field_match.end() :]))
+            if top:
+                lines.append(line)
+        for name, value in fields:
+            if name.lower() in ("content-type", "content-disposition"):
+                if len(value) > self.limits.max_parameter_header or (
+                    value.count(b";") > self.limits.max_parameters
+                ):
+                    raise self.fail(
+                        "parameter-header-too-large", f"{name} too long or too many parameters"
+                    )
+        return pos, lines, fields
+
+    def body(self, pos: int, fields: list[tuple[str, bytes]], *, depth: int) -> int:
+        """Open what the part's header announces; return where its content starts."""
+        while True:
+            content_type = _field(fields, "content-type")
+            main, params = split_parameters(_text(content_type or b""))
+            main = main.lower()
+            if main.startswith("message/") and main != "message/delivery-status":
+                depth += 1
+                self.check_depth(depth)
+                self.count_part()
+                pos, _, fields = self.header_section(pos, top=False)
+                continue
+            if main == "message/delivery-status":
+                # Each block of fields becomes a part of its own.
+                following = self.next_delimiter(pos)
+                end = following[0] if following else len(self.raw)
+                blocks = self.raw.count(b"\n\n", pos, end) + self.raw.count(b"\r\n\r\n", pos, end)
+                for _ in range(blocks + 1):
+                    self.count_part()
+            if main.startswith("multipart/"):
+                boundary = _python_boundary(params)
+                if boundary:
+                    depth += 1
+                    self.check_depth(depth)
+                    self.stack.append((boundary.encode("utf-8", "surrogateescape"), depth))
+            return pos
+
+    def check_depth(self, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise self.fail("too-deep", f"MIME nesting deeper than {self.limits.max_depth}")
+
+
+def _field(fields: list[tuple[str, bytes]], name: str) -> bytes | None:
+    for field_name, value in fields:
+        if field_name.lower() == name:
+            return value
+    return None
+
+
+def _python_boundary(params: list[tuple[str, str]]) -> str | None:
+    """The boundary Python's parser will use: the first one, continuations assembled."""
+    for name, value in params:
+        if name == "boundary":
+            return value.rstrip()
+        if name.startswith("boundary*"):
+            assembled = assemble_rfc2231(params, "boundary")
+            return assembled[0].rstrip() if assembled else None
+    return None
+
+
+# -- header sections ------------------------------------------------------------------
+
+
+def _header_section_defects(
+    lines: list[bytes], fields: list[tuple[str, bytes]], limits: MimeLimits
+) -> list[Defect]:
+    found: list[Defect] = []
+
+    def add(name: str, detail: str) -> None:
+        found.append(Defect(name, detail))
+
+    for number, line in enumerate(lines, 1):
+        content = line.rstrip(b"\r\n")
+        if line.endswith(b"\r") and not line.endswith(b"\r\n"):
+            add("bare-cr-in-header", f"header line {number} ends with a bare CR")
+        if b"\x00" in content:
+            add("nul-in-header", f"NUL in header line {number}")
+        if len(content) > 998:
+            add("header-line-too-long", f"header line {number} is {len(content)} bytes")
+        if not content.isascii():
+            add("8bit-in-header", f"8-bit bytes in header line {number}")
+        if line[:1] in (b" ", b"\t"):
+            if content.strip() == b"":
+                add("whitespace-only-folded-line", f"header line {number} is only whitespace")
+            if number == 1:
+                add("header-syntax", "the first header line is a continuation")
+        elif not _FIELD.match(line) and not (number == 1 and line.startswith(b"From ")):
+            add("header-syntax", f"header line {number} has no field name")
+    names = [name.lower() for name, _ in fields]
+    for required in ("from", "date"):
+        if required not in names:
+            add("missing-header", f"no {required.title()} field")
+    for singleton in SINGLETON_HEADERS:
+        if names.count(singleton) > 1:
+            add("duplicate-header", f"{names.count(singleton)} {singleton.title()} fields")
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in ADDRESS_HEADERS and value.count(b"@") > limits.max_addresses:
+            add("too-many-addresses", f"{name} has more than {limits.max_addresses} addresses")
+        if b"=?" in value and _decodes_to_line_break(_text(value)):
+            add("encoded-line-break-in-header", f"an encoded word in {name} decodes to CR/LF")
+    return found
+
+
+def _decodes_to_line_break(value: str) -> bool:
+    return any(ch in _decode_words(_unfold(value)) for ch in "\r\n\x00")
+
+
+# -- decoding helpers -----------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    """Header bytes as text: UTF-8 when valid, Latin-1 otherwise (never fails)."""
+    if isinstance(value, str):
+        value = value.encode("ascii", "surrogateescape")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _unfold(value: str) -> str:
+    return re.sub(r"\r\n|\r|\n", "", value).strip()
+
+
+def decode_charset(data: bytes, charset: str) -> str:
+    try:
+        codecs.lookup(charset)
+        return data.decode(charset, "replace")
+    except (LookupError, ValueError, TypeError):
+        return data.decode("utf-8", "replace")
+
+
+def _decode_words(value: str) -> str:
+    out: list[str] = []
+    position = 0
+    previous_was_word = False
+    for match in _ENCODED_WORD.finditer(value):
+        between = value[position : match.start()]
+        if not (previous_was_word and between.strip() == ""):
+            out.append(between)
+        charset = match.group(1).split("*", 1)[0]
+        text = match.group(3).encode("ascii", "replace")
+        if match.group(2) in "Bb":
+            data, _ = decode_base64(text)
+        else:
+            data = binascii.a2b_qp(text, header=True)
+        out.append(decode_charset(data, charset))
+        position = match.end()
+        previous_was_word = True
+    out.append(value[position:])
+    return "".join(out)
+
+
+def decode_header_value(value: str) -> str:
+    """Unfold, decode encoded words, and blank out CR, LF and NUL."""
+    decoded = _decode_words(_unfold(value))
+    return decoded.replace("\r", " ").replace("\n", " ").replace("\x00", " ")
+
+
+def decode_base64(data: bytes) -> tuple[bytes, list[str]]:
+    """Decode leniently: drop what is not base64, as mail clients do, and say so."""
+    problems: list[str] = []
+    cleaned = data.translate(None, _NOT_B64)
+    if len(cleaned) != len(data.translate(None, b" \t\r\n")):
+        problems.append("invalid-base64-characters")
+    core = cleaned.rstrip(b"=")
+    if b"=" in core:
+        problems.append("base64-padding-inside-data")
+        core = core.replace(b"=", b"")
+    if len(core) % 4 == 1:
+        problems.append("invalid-base64-length")
+        core = core[:-1]
+    padding = -len(core) % 4
+    if len(cleaned) - len(cleaned.rstrip(b"=")) != padding and padding:
+        problems.append("invalid-base64-padding")
+    return binascii.a2b_base64(core + b"=" * padding), problems
+
+
+def decode_quoted_printable(data: bytes) -> tuple[bytes, list[str]]:
+    problems = ["bad-quoted-printable"] if _BAD_QP.search(data) else []
+    return binascii.a2b_qp(data), problems
+
+
+def _uudecode(lines: list[bytes]) -> bytes:
+    out = bytearray()
+    for line in lines:
+        try:
+            out += binascii.a2b_uu(line)
+        except binascii.Error:
+            # Some encoders write a few garbage bytes; decode the length the line declares.
+            length = ((line[0] - 32) & 0x3F) if line else 0
+            try:
+                out += binascii.a2b_uu(line[: 1 + (length * 4 + 2) // 3])
+            except binascii.Error:
+                continue
+    return bytes(out)
+
+
+def _embedded_files(data: bytes) -> list[Embedded]:
+    found: list[Embedded] = []
+    for match in _UU_BEGIN.finditer(data):
+        lines: list[bytes] = []
+        for line in data[match.end() :].splitlines()[1:]:
+            if line.strip() in (b"end", b"`", b""):
+                break
+            lines.append(line.strip(b"\r"))
+        found.append(Embedded(_clean(_text(match.group(1))), "uuencode", _uudecode(lines)))
+    for match in _YENC_BEGIN.finditer(data):
+        end = data.find(b"\n=yend", match.end())
+        body = data[match.end() : end if end >= 0 else len(data)]
+        found.append(Embedded(_clean(_text(match.group(1))), "yenc", _yenc_decode(body)))
+    return found
+
+
+def _yenc_decode(body: bytes) -> bytes:
+    out = bytearray()
+    for line in body.splitlines():
+        if line.startswith(b"=ypart"):
+            continue
+        escaped = False
+        for byte in line:
+            if escaped:
+                out.append((byte - 64 - 42) % 256)
+                escaped = False
+            elif byte == 0x3D:
+                escaped = True
+            else:
+                out.append((byte - 42) % 256)
+    return bytes(out)
+
+
+# -- parameters and file names --------------------------------------------------------
+
+
+def split_parameters(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """`type/sub; a=1; b="x;y"` -> ("type/sub", [("a", "1"), ("b", "x;y")]).
+
+    Every parameter as written, duplicates and RFC 2231 sections (`name*0*`) included;
+    names lower-cased, quoted values unquoted. Linear in the length of `value`.
+    """
+    pieces: list[str] = []
+    current: list[str] = []
+    quoted = False
+    escaped = False
+    for ch in _unfold(value):
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif quoted and ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            current.append(ch)
+        elif ch == ";" and not quoted:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    pieces.append("".join(current))
+    params: list[tuple[str, str]] = []
+    for piece in pieces[1:]:
+        name, sep, raw_value = piece.partition("=")
+        if not sep:
+            continue
+        params.append((name.strip().lower(), _unquote(raw_value.strip())))
+    return pieces[0].strip(), params
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    if value.startswith('"'):
+        return value[1:]
+    return value
+
+
+def assemble_rfc2231(params: list[tuple[str, str]], base: str) -> list[str]:
+    """The values of `base*` and of `base*0`, `base*1*`... assembled and decoded."""
+    values: list[str] = []
+    sections: dict[int, tuple[str, bool]] = {}
+    for name, value in params:
+        if name == base + "*":
+            values.append(_decode_rfc2231(value, first_encoded=True, rest=[]))
+            continue
+        if not name.startswith(base + "*"):
+            continue
+        index_text = name[len(base) + 1 :]
+        encoded = index_text.endswith("*")
+        index_text = index_text.rstrip("*")
+        if index_text.isdigit() and len(index_text) < 5 and int(index_text) not in sections:
+            sections[int(index_text)] = (value, encoded)
+    if sections:
+        ordered = [sections[index] for index in sorted(sections)]
+        first, first_encoded = ordered[0]
+        values.append(_decode_rfc2231(first, first_encoded=first_encoded, rest=ordered[1:]))
+    return values
+
+
+def _decode_rfc2231(first: str, *, first_encoded: bool, rest: list[tuple[str, bool]]) -> str:
+    charset = "us-ascii"
+    if first_encoded and first.count("'") >= 2:
+        charset, _, first = first.split("'", 2)
+    data = bytearray()
+    for value, encoded in [(first, first_encoded), *rest]:
+        raw = value.encode("utf-8", "surrogateescape")
+        data += _percent_decode(raw) if encoded else raw
+    return decode_charset(bytes(data), charset or "us-ascii")
+
+
+def _percent_decode(raw: bytes) -> bytes:
+    return re.sub(rb"%([0-9A-Fa-f]{2})", lambda match: bytes([int(match.group(1), 16)]), raw)
+
+
+def _clean(name: str) -> str:
+    return name.replace("\r", "").replace("\n", "")
+
+
+def filename_variants(
+    type_params: list[tuple[str, str]], disposition_params: list[tuple[str, str]]
+) -> list[str]:
+    """Every name a client might give the part: plain, RFC 2231, RFC 2047, from both
+    Content-Disposition (filename) and Content-Type (name). CR and LF are removed."""
+    variants: list[str] = []
+    for params, base in ((disposition_params, "filename"), (type_params, "name")):
+        for name, value in params:
+            if name == base:
+                variants.append(value)
+                if "=?" in value:
+                    variants.append(_decode_words(value))
+        variants.extend(assemble_rfc2231(params, base))
+    seen: dict[str, None] = {}
+    for variant in variants:
+        cleaned = _clean(variant)
+        if cleaned:
+            seen.setdefault(cleaned, None)
+    return list(seen)
+
+
+# -- walking the parsed tree ----------------------------------------------------------
+
+
+class _Walker:
+    def __init__(self, message: ParsedMessage, deadline: float) -> None:
+        self.message = message
+        self.deadline = deadline
+
+    def defect(self, name: str, detail: str, path: str) -> None:
+        self.message.defects.append(Defect(name, detail, path))
+
+    def walk(self, root: Message) -> None:
+        pending: list[tuple[Message, str, int]] = [(root, "", 0)]
+        while pending:
+            if time.monotonic() > self.deadline:
+                raise _BudgetExceeded
+            node, path, depth = pending.pop()
+            children = self.visit(node, path, depth)
+            prefix = f"{path}." if path else ""
+            pending.extend(
+                (child, f"{prefix}{number}", depth + 1)
+                for number, child in reversed(list(enumerate(children, 1)))
+            )
+
+    def visit(self, node: Message, path: str, depth: int) -> list[Message]:
+        label = f"part {path}" if path else "message"
+        for defect in node.defects:
+            name = (
+                _PYTHON_DEFECTS.get(type(defect))
+                or _CAMEL.sub("-", type(defect).__name__.removesuffix("Defect")).lower()
+            )
+            self.defect(name, f"{label}: {type(defect).__name__}", path)
+        # raw_items(): items() would turn 8-bit values into Header objects.
+        items = [(name, _text(value)) for name, value in node.raw_items()]
+        raw_type = _first(items, "content-type")
+        declared, type_params = split_parameters(raw_type or "")
+        disposition, disposition_params = split_parameters(
+            _first(items, "content-disposition") or ""
+        )
+        self.parameter_defects(type_params, disposition_params, raw_type, label, path)
+        for name in ("content-type", "content-transfer-encoding", "content-disposition"):
+            if sum(1 for item_name, _ in items if item_name.lower() == name) > 1:
+                self.defect("duplicate-mime-header", f"{label}: more than one {name}", path)
+        content_type = node.get_content_type()
+        encoding = _unfold(_first(items, "content-transfer-encoding") or "").lower()
+        payload = node.get_payload()
+        is_container = isinstance(payload, list)
+        if is_container:
+            if node.preamble:
+                self.message.texts.append((f"{label} preamble", _bytes(node.preamble)))
+            if node.epilogue:
+                self.message.texts.append((f"{label} epilogue", _bytes(node.epilogue)))
+            data = b""
+        else:
+            data = self.decode(
+                _bytes(payload if isinstance(payload, str) else ""), encoding, label, path
+            )
+        part = Part(
+            path=path,
+            depth=depth,
+            content_type=content_type,
+            declared_type=declared.lower(),
+            params=type_params,
+            disposition=disposition.lower(),
+            transfer_encoding=encoding,
+            filenames=filename_variants(type_params, disposition_params),
+            payload=data,
+            sniffed=sniff(data) if data else None,
+            is_container=is_container,
+            headers=items,
+        )
+        if not is_container and content_type.startswith("text/"):
+            part.embedded = _embedded_files(data)
+        self.message.parts.append(part)
+        return [child for child in payload if isinstance(child, Message)] if is_container else []
+
+    def parameter_defects(
+        self,
+        type_params: list[tuple[str, str]],
+        disposition_params: list[tuple[str, str]],
+        raw_type: str | None,
+        label: str,
+        path: str,
+    ) -> None:
+        names = [name for name, _ in type_params]
+        main = split_parameters(raw_type or "")[0].lower()
+        if main.startswith("multipart/"):
+            boundaries = [value for name, value in type_params if name == "boundary"]
+            if len(boundaries) > 1:
+                self.defect(
+                    "duplicate-boundary", f"{label}: {len(boundaries)} boundary parameters", path
+                )
+            if any(value.strip() == "" for value in boundaries):
+                self.defect("empty-boundary", f"{label}: boundary is empty", path)
+            if any(name.startswith("boundary*") for name in names):
+                self.defect(
+                    "boundary-continuation",
+                    f"{label}: boundary given as RFC 2231 sections",
+                    path,
+                )
+        for params, header in (
+            (type_params, "Content-Type"),
+            (disposition_params, "Content-Disposition"),
+        ):
+            seen = [name for name, _ in params]
+            for name in sorted(set(seen)):
+                if seen.count(name) > 1 and name != "boundary":
+                    self.defect("duplicate-parameter", f"{label}: {name} twice in {header}", path)
+
+    def decode(self, raw: bytes, encoding: str, label: str, path: str) -> bytes:
+        if encoding in ("", "7bit", "8bit", "binary"):
+            return raw
+        if encoding == "base64":
+            data, problems = decode_base64(raw)
+        elif encoding == "quoted-printable":
+            data, problems = decode_quoted_printable(raw)
+        elif encoding in ("x-uuencode", "uuencode", "x-uue", "uue"):
+            lines = raw.splitlines()
+            start = next((i for i, line in enumerate(lines) if line.startswith(b"begin ")), -1)
+            data, problems = _uudecode(lines[start + 1 :]), []
+        else:
+            self.defect("unknown-transfer-encoding", f"{label}: {encoding[:40]!r}", path)
+            return raw
+        for problem in problems:
+            self.defect(problem, f"{label}: {encoding}", path)
+        return data
+
+
+def _first(items: list[tuple[str, str]], name: str) -> str | None:
+    for item_name, value in items:
+        if item_name.lower() == name:
+            return value
+    return None
+
+
+def _bytes(text: str) -> bytes:
+    # compat32 keeps undecodable bytes as surrogates: this gives back the original bytes.
+    return text.encode("utf-8", "surrogateescape")
