@@ -35,6 +35,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from spamviewer.durable import fsync_directory
+
 log = logging.getLogger(__name__)
 
 # The indexed file each postmap type writes next to the source.
@@ -233,7 +235,7 @@ def _replace_map(path: Path, content: str, postmap_type: str | None) -> None:
             # The database first: it is what Postfix reads. Each rename is atomic.
             os.replace(str(tmp) + suffix, str(path) + suffix)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     finally:
         for leftover in (tmp, Path(str(tmp) + suffix) if suffix else None):
             if leftover is not None:
@@ -292,19 +294,11 @@ def _atomic_write(path: Path, content: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spamviewer.durable import fsync_directory
+
 # Category of a quarantine file, by the prefix of its name (amavisd-new's defaults) and by
 # the quarantine pseudo-recipient in its Delivered-To field.
 PREFIX_BY_CATEGORY = {"VIRUS": "virus", "BANNED": "banned", "SPAM": "spam", "BADH": "badh"}
@@ -309,7 +311,7 @@ class FileStore:
                 os.link(tmp, final)
             finally:
                 os.unlink(tmp)
-            _fsync_dir(directory)
+            fsync_directory(directory)
         except StoreError:
             raise
         except OSError as exc:
@@ -404,14 +406,6 @@ class FileStore:
                 except OSError:
                     continue
         return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def get_store(origin: str | Path | None = None) -> FileStore:
