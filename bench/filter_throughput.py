@@ -1,116 +1,185 @@
-"""Messages a second through the filter worker, against sending straight to the next hop.
+"""Messages a second through the filter worker, against the same load sent straight to
+the next hop (the ceiling), with Postfix's own load tools.
 
-    .venv/bin/python bench/filter_throughput.py [--messages 500] [--clients 4] [--size 20000]
+    .venv/bin/python bench/filter_throughput.py [--messages 2000] [--processes 1 2 4]
 
-Starts an aiosmtpd next hop and a worker (both on loopback, ephemeral ports) in this
-process, then sends the same messages from CLIENTS parallel smtplib sessions twice: once
-straight to the next hop (the baseline) and once through the worker. Prints both rates and
-their ratio; the worker's cost is what the ratio is below 1.
+Needs Postfix's smtp-source and smtp-sink (Debian package postfix). Starts smtp-sink (the
+next hop) and `manage.py runfilter` with the default policy (the local checks of the
+default profile) on loopback, then, for 4 KB and 100 KB messages and 10 and 20 parallel
+sessions, sends MESSAGES messages with smtp-source straight to smtp-sink and then through
+the worker, and prints both rates and their ratio. Each worker count given to
+--processes (FILTER_PROCESSES, processes sharing the port with SO_REUSEPORT) gets its own
+run. Finally it measures the worker's resident memory (all its processes) while
+smtp-source keeps 100 sessions open. amavisd-new is measured beside it when a running
+amavisd listens on --amavis (host:port); otherwise the line says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import smtplib
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from aiosmtpd.smtp import SMTP  # noqa: E402
-
-from mailfilter.config import FilterConfig  # noqa: E402
-from mailfilter.server import FilterServer, ServerThread  # noqa: E402
 
 
-class CountingHandler:
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def handle_DATA(self, server, session, envelope):
-        self.count += 1
-        return "250 2.0.0 Ok"
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-class Sink:
-    def __init__(self, handler: CountingHandler) -> None:
-        self.handler = handler
-        self.sessions: list[SMTP] = []
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def factory():
-            session = SMTP(self.handler, hostname="sink", enable_SMTPUTF8=True, loop=loop)
-            self.sessions.append(session)
-            return session
-
-        self.server = await loop.create_server(factory, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        self.server.close()
-        for session in self.sessions:
-            if session.transport is not None:
-                session.transport.close()
-        await self.server.wait_closed()
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
 
 
-class NoQuarantine:
-    async def write(self, **kwargs) -> str:
-        raise RuntimeError("the benchmark passes every message")
-
-
-def _send(port: int, count: int, message: bytes) -> None:
-    with smtplib.SMTP("127.0.0.1", port) as client:
-        for _ in range(count):
-            client.sendmail("bench@remote.example", ["user@example.test"], message)
-
-
-def _rate(port: int, messages: int, clients: int, message: bytes) -> float:
-    share = messages // clients
+def _source(port: int, *, messages: int, sessions: int, size: int) -> float:
+    """Messages a second smtp-source managed (each session reuses its connection)."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(_send, port, share, message) for _ in range(clients)]:
-            future.result()
-    return share * clients / (time.perf_counter() - started)
+    subprocess.run(
+        ["smtp-source", "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+         "-f", "bench@remote.example", "-t", "user@example.test", f"127.0.0.1:{port}"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return messages / (time.perf_counter() - started)
+
+
+def _start_worker(sink_port: int, processes: int) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SPAMVIEWER_IGNORE_DOTENV": "1",
+        "DJANGO_SETTINGS_MODULE": "spamviewer.settings",
+        "FILTER_LISTEN": f"127.0.0.1:{port}",
+        "FILTER_NEXT_HOP": f"127.0.0.1:{sink_port}",
+        "FILTER_HOSTNAME": "filter.bench",
+        "FILTER_PROCESSES": str(processes),
+        "FILTER_MAX_CLIENTS": "300",
+        "FILTER_MAX_PER_IP": "0",
+        "FILTER_MAX_BACKENDS": "300",
+        "QUARANTINE_DIR": tempfile.mkdtemp(prefix="sv-bench-q-"),
+    }
+    process = subprocess.Popen([sys.executable, "manage.py", "runfilter"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    if "filter listening" not in line:
+        raise SystemExit(f"runfilter did not start: {line}")
+    return process, port
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+    process.stdout.close()
+
+
+def _rss_kb(pid: int) -> int:
+    """Resident memory of `pid` and its children, in KiB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(c) for c in children.read_text().split()]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def _peak_rss(pid: int, work) -> int:
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_kb(pid))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        work()
+    finally:
+        done.set()
+        thread.join()
+    return peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=500)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--size", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--amavis", default="", help="host:port of a running amavisd")
     args = parser.parse_args()
-    line = b"x" * 76 + b"\r\n"
-    message = b"Subject: bench\r\n\r\n" + line * max(1, args.size // len(line))
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found (Debian package postfix)")
 
-    handler = CountingHandler()
-    sink_thread = ServerThread(lambda: Sink(handler))
-    sink = sink_thread.start()
-    config = FilterConfig(
-        listen_port=0, next_hop_port=sink.port, hostname="filter.bench",
-        max_clients=args.clients * 2, max_per_ip=0,
+    sink_port = _free_port()
+    sink = subprocess.Popen(
+        ["smtp-sink", *(["-u", "postfix"] if os.geteuid() == 0 else []),
+         f"127.0.0.1:{sink_port}", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    filter_thread = ServerThread(lambda: FilterServer(config, sink=NoQuarantine()))
-    worker = filter_thread.start()
     try:
-        baseline = _rate(sink.port, args.messages, args.clients, message)
-        through = _rate(worker.port, args.messages, args.clients, message)
+        _wait_for_port(sink_port)
+        print(f"{'size':>6} {'sessions':>8} {'procs':>5} {'ceiling/s':>10} "
+              f"{'worker/s':>9} {'ratio':>6}")
+        for processes in args.processes:
+            worker, port = _start_worker(sink_port, processes)
+            try:
+                for size in (4 * 1024, 100 * 1024):
+                    for sessions in (10, 20):
+                        load = {"messages": args.messages, "sessions": sessions, "size": size}
+                        ceiling = _source(sink_port, **load)
+                        through = _source(port, **load)
+                        print(f"{size // 1024:>4}KB {sessions:>8} {processes:>5} "
+                              f"{ceiling:>10.0f} {through:>9.0f} {through / ceiling:>6.2f}")
+            finally:
+                _stop(worker)
+        worker, port = _start_worker(sink_port, 1)
+        try:
+            peak = _peak_rss(worker.pid, lambda: _source(
+                port, messages=max(args.messages, 2000), sessions=100, size=4 * 1024))
+            print(f"worker RSS at 100 concurrent sessions (1 process): {peak / 1024:.0f} MB")
+        finally:
+            _stop(worker)
+        if args.amavis:
+            host, _, amavis_port = args.amavis.rpartition(":")
+            rate = _source(int(amavis_port), messages=args.messages, sessions=10,
+                           size=4 * 1024)
+            print(f"amavisd-new at {args.amavis}, 4KB, 10 sessions: {rate:.0f}/s")
+        else:
+            installed = shutil.which("amavisd") or shutil.which("amavisd-new")
+            print("amavisd-new: " + ("installed; give --amavis host:port of a running one"
+                                     if installed else "not installed, not measured"))
     finally:
-        filter_thread.stop()
-        sink_thread.stop()
-    print(f"messages of {len(message)} octets, {args.clients} clients")
-    print(f"baseline (straight to the next hop): {baseline:8.1f} msg/s")
-    print(f"through the worker:                  {through:8.1f} msg/s")
-    print(f"ratio: {through / baseline:.2f}")
-    expected = 2 * (args.messages // args.clients) * args.clients
-    if handler.count != expected:
-        raise SystemExit(f"next hop received {handler.count} messages, expected {expected}")
+        sink.kill()
+        sink.wait(10)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,23 @@ class FilterConfig:
     relay_idle_timeout: float = 20.0
     metrics_host: str = ""
     metrics_port: int = 0
+    # The next hop speaks LMTP (FILTER_NEXT_HOP=lmtp:host:port): one reply per recipient.
+    next_hop_lmtp: bool = False
+    # Text after the host name in the 220 greeting.
+    banner: str = "ESMTP spamviewer"
+    # STARTTLS on the listener with this certificate chain and key (PEM files).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # front mode: recipients accepted are those in the relay map (Postfix `address OK`
+    # lines, `@domain` for a whole domain) and every address of the relay domains.
+    relay_map_path: str = ""
+    relay_domains: tuple[str, ...] = ()
+    # front mode: clients that may relay to any address (their mail gets the relay profile).
+    relay_ips: tuple[str, ...] = ()
+    # Worker processes sharing the listening port (SO_REUSEPORT); limits are per process.
+    processes: int = 1
     _networks: tuple = field(default=(), repr=False, compare=False)
+    _relay_networks: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,19 +102,33 @@ class FilterConfig:
                     f"FILTER_XFORWARD_HOSTS: {value!r} is not an address or network"
                 ) from None
         object.__setattr__(self, "_networks", tuple(networks))
+        relay_networks = []
+        for value in self.relay_ips:
+            try:
+                relay_networks.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"FILTER_RELAY_IPS: {value!r} is not an address or network"
+                ) from None
+        object.__setattr__(self, "_relay_networks", tuple(relay_networks))
+        object.__setattr__(
+            self, "relay_domains", tuple(d.lower().strip(".") for d in self.relay_domains)
+        )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("FILTER_TLS_CERT and FILTER_TLS_KEY: set both or neither")
+        if any(ch in self.banner for ch in "\r\n\0"):
+            raise ConfigError("FILTER_BANNER: must be one line")
 
     @property
     def metrics_enabled(self) -> bool:
         return bool(self.metrics_host)
 
     def xforward_allowed(self, address: str | None) -> bool:
-        if not address:
-            return False
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks)
+        return _in_networks(address, self._networks)
+
+    def relay_allowed(self, address: str | None) -> bool:
+        """True for a client in FILTER_RELAY_IPS (front mode: may send to any address)."""
+        return _in_networks(address, self._relay_networks)
 
     def with_changes(self, **changes) -> FilterConfig:
         return replace(self, **changes)
@@ -108,7 +138,12 @@ class FilterConfig:
         """Build the configuration from FILTER_* variables (os.environ by default)."""
         env = _Env(os.environ if environ is None else environ)
         listen_host, listen_port = env.address("FILTER_LISTEN", "127.0.0.1:10024")
-        hop_host, hop_port = env.address("FILTER_NEXT_HOP", "127.0.0.1:10025")
+        next_hop = env.get("FILTER_NEXT_HOP", "127.0.0.1:10025")
+        hop_lmtp = next_hop.lower().startswith("lmtp:")
+        if hop_lmtp or next_hop.lower().startswith("smtp:"):
+            next_hop = next_hop[5:]
+        hop_host, hop_port = env.parse_address("FILTER_NEXT_HOP", next_hop)
+        hop_lmtp = env.bool("FILTER_NEXT_HOP_LMTP", hop_lmtp)
         metrics = env.get("FILTER_METRICS_LISTEN", "")
         metrics_host, metrics_port = (
             env.address("FILTER_METRICS_LISTEN", metrics) if metrics else ("", 0)
@@ -140,7 +175,25 @@ class FilterConfig:
             relay_idle_timeout=env.float("FILTER_RELAY_IDLE_TIMEOUT", 20.0, minimum=0.0),
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            next_hop_lmtp=hop_lmtp,
+            banner=env.get("FILTER_BANNER", "ESMTP spamviewer"),
+            tls_cert=env.get("FILTER_TLS_CERT", ""),
+            tls_key=env.get("FILTER_TLS_KEY", ""),
+            relay_map_path=env.get("FILTER_RELAY_MAP", ""),
+            relay_domains=tuple(env.list("FILTER_RELAY_DOMAINS", [])),
+            relay_ips=tuple(env.list("FILTER_RELAY_IPS", [])),
+            processes=env.int("FILTER_PROCESSES", 1, minimum=1),
         )
+
+
+def _in_networks(address: str | None, networks: tuple) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def _default_hostname() -> str:
@@ -203,10 +256,148 @@ class _Env:
 
     def address(self, name: str, raw: str) -> tuple[str, int]:
         """`host:port`, `[v6]:port` or `:port`; a port of 0 picks a free one."""
-        value = self.get(name, raw)
+        return self.parse_address(name, self.get(name, raw))
+
+    def parse_address(self, name: str, value: str) -> tuple[str, int]:
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"{name}={value!r}: expected host:port")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class PostfixSnippet:
+    """The Postfix settings that put the worker in the mail flow, for `config`'s mode.
+
+    `main` goes to main.cf; `services` are master.cf entries: the service key
+    (`name/type`), its master.cf line and its `-o` overrides. `text()` renders both files'
+    lines for people; `postconf_arguments()` the same as `postconf` invocations.
+    """
+
+    main: Mapping[str, str]
+    services: tuple[tuple[str, str, Mapping[str, str]], ...]
+
+    def text(self) -> str:
+        lines = ["# main.cf"]
+        lines += [f"{name} = {value}" for name, value in self.main.items()]
+        lines += ["", "# master.cf"]
+        for _, line, overrides in self.services:
+            lines.append(line)
+            lines += [f"    -o {name}={value}" for name, value in overrides.items()]
+        return "\n".join(lines) + "\n"
+
+    def postconf_arguments(self) -> list[list[str]]:
+        commands = [["-e", f"{name}={value}"] for name, value in self.main.items()]
+        for key, line, overrides in self.services:
+            commands.append(["-Me", f"{key}={line}"])
+            if overrides:
+                commands.append(["-P", *(f"{key}/{n}={v}" for n, v in overrides.items())])
+        return commands
+
+
+def postfix_snippet(
+    config: FilterConfig,
+    *,
+    inbound: str = "smtp",
+    transport: str = "spamviewer",
+) -> PostfixSnippet:
+    """What Postfix needs around the worker (FILTER_README / SMTPD_PROXY_README layouts).
+
+    content_filter: `content_filter` to a `transport` service that speaks SMTP (or LMTP,
+    with FILTER_LMTP) to the worker. proxy_filter: `smtpd_proxy_filter` on the `inbound`
+    smtpd service (`smtp`, or `host:port` for a listener of its own). Both: the
+    reinjection smtpd on FILTER_NEXT_HOP, which relays for the worker's address only
+    (its own `mynetworks`), trusts its XFORWARD, and has no content_filter (or mail loops).
+    """
+    worker = f"{_postfix_host(config.listen_host)}:{config.listen_port}"
+    loopback = config.next_hop_host in ("127.0.0.1", "localhost", "::1")
+    peers = "127.0.0.0/8" if loopback else _postfix_network(config.listen_host)
+    main: dict[str, str] = {}
+    services: list[tuple[str, str, Mapping[str, str]]] = []
+    if config.mode == "content_filter":
+        client = "lmtp" if config.lmtp else "smtp"
+        main["content_filter"] = f"{transport}:[{config.listen_host}]:{config.listen_port}"
+        # The worker sees the envelope as the client sent it.
+        main["receive_override_options"] = "no_address_mappings"
+        if config.next_hop_lmtp and not config.lmtp:
+            # One end-of-data reply cannot carry an LMTP next hop's per-recipient answers.
+            main[f"{transport}_destination_recipient_limit"] = "1"
+        services.append(
+            (
+                f"{transport}/unix",
+                f"{transport} unix - - n - {config.max_clients} {client}",
+                {
+                    f"{client}_send_xforward_command": "yes",
+                    "disable_mime_output_conversion": "yes",
+                    f"{client}_generic_maps": "",
+                    f"{client}_data_done_timeout": f"{int(config.relay_data_timeout) + 60}",
+                },
+            )
+        )
+    elif config.mode == "proxy_filter":
+        line = (
+            f"{inbound} inet n - n - - smtpd"
+            if ":" in inbound
+            else f"{inbound} inet n - y - - smtpd"
+        )
+        services.append(
+            (
+                f"{inbound}/inet",
+                line,
+                {
+                    "smtpd_proxy_filter": worker,
+                    "smtpd_proxy_timeout": "100s",
+                    "smtpd_client_connection_count_limit": str(config.max_per_ip or 50),
+                    # Postfix ends DATA only at <CR><LF>.<CR><LF> and turns bare LF into
+                    # line ends, for every client (SMTP smuggling, CVE-2023-51764).
+                    "smtpd_forbid_bare_newline": "normalize",
+                    "smtpd_forbid_bare_newline_exclusions": "",
+                },
+            )
+        )
+    host = _postfix_host(config.next_hop_host)
+    key = f"{host}:{config.next_hop_port}/inet"
+    services.append(
+        (
+            key,
+            f"{host}:{config.next_hop_port} inet n - n - - smtpd",
+            {
+                "content_filter": "",
+                "receive_override_options": (
+                    "no_unknown_recipient_checks,no_header_body_checks,no_milters"
+                ),
+                "smtpd_client_restrictions": "permit_mynetworks,reject",
+                "smtpd_helo_restrictions": "",
+                "smtpd_sender_restrictions": "",
+                "smtpd_relay_restrictions": "permit_mynetworks,reject",
+                "smtpd_recipient_restrictions": "permit_mynetworks,reject",
+                "smtpd_data_restrictions": "",
+                "smtpd_end_of_data_restrictions": "",
+                "mynetworks": peers,
+                "smtpd_authorized_xforward_hosts": peers,
+                "smtpd_milters": "",
+                "local_recipient_maps": "",
+                "relay_recipient_maps": "",
+                "smtpd_error_sleep_time": "0",
+                "smtpd_soft_error_limit": "1001",
+                "smtpd_hard_error_limit": "1000",
+                "smtpd_client_connection_count_limit": "0",
+                "smtpd_client_connection_rate_limit": "0",
+            },
+        )
+    )
+    return PostfixSnippet(main=main, services=tuple(services))
+
+
+def _postfix_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _postfix_network(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[{ip}]/128" if ip.version == 6 else f"{ip}/32"

@@ -27,6 +27,8 @@ class Envelope:
     client_name: str = ""
     helo: str = ""
     smtputf8: bool = False
+    # front mode: the client is one of FILTER_RELAY_IPS (outbound mail, relay profile).
+    relay_client: bool = False
 
 
 @dataclass(frozen=True)

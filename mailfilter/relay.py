@@ -17,10 +17,12 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiosmtplib
+from aiosmtplib.esmtp import parse_esmtp_extensions
 
 from mailfilter.stats import Stats
 
@@ -92,7 +94,9 @@ class Relay:
         data_timeout: float = 600.0,
         idle_timeout: float = 20.0,
         stats: Stats | None = None,
+        lmtp: bool = False,
     ) -> None:
+        self.lmtp = lmtp
         self.host = host
         self.port = port
         self.helo = helo
@@ -113,6 +117,7 @@ class Relay:
         eight_bit: bool = False,
         smtputf8: bool = False,
         xforward: Mapping[str, str] | None = None,
+        dsn: Sequence[str] = (),
     ) -> tuple[Reply, Transaction | None]:
         """Open a transaction with MAIL FROM; the reply is the next hop's (or a 451)."""
         if _UNSAFE_ADDRESS.search(sender):
@@ -144,8 +149,15 @@ class Relay:
                         self._release(client, reusable=True)
                         return Reply(451, "4.5.0 Next hop does not support SMTPUTF8"), None
                     options.append(b"SMTPUTF8")
+                if dsn and client.supports_extension("dsn"):
+                    # A next hop without DSN gets the message without them (RFC 3461
+                    # 4.1 would have us send a "relayed" notice; Postfix's reinjection
+                    # smtpd and LMTP servers all offer DSN).
+                    options.extend(p.encode("ascii") for p in dsn)
                 response = await client.execute_command(
-                    b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options,
+                    b"MAIL",
+                    b"FROM:<" + sender.encode("utf-8") + b">",
+                    *options,
                     timeout=self.command_timeout,
                 )
             except (aiosmtplib.SMTPException, OSError) as exc:
@@ -167,21 +179,26 @@ class Relay:
             return reply, Transaction(self, client)
         raise AssertionError("unreachable")
 
-    async def _connection(self, *, fresh: bool) -> tuple[aiosmtplib.SMTP | None, bool]:
+    async def _connection(self, *, fresh: bool) -> tuple[Any, bool]:
         now = time.monotonic()
         while self._idle and not fresh:
             client, since = self._idle.pop()
             if now - since < self.idle_timeout and client.is_connected:
                 return client, True
             await _quit(client)
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            local_hostname=self.helo,
-            timeout=self.command_timeout,
-            start_tls=False,
-            use_tls=False,
-        )
+        client: Any
+        if self.lmtp:
+            client = LMTPClient(self.host, self.port, local_hostname=self.helo,
+                                timeout=self.command_timeout)
+        else:
+            client = aiosmtplib.SMTP(
+                hostname=self.host,
+                port=self.port,
+                local_hostname=self.helo,
+                timeout=self.command_timeout,
+                start_tls=False,
+                use_tls=False,
+            )
         try:
             await client.connect(timeout=self.connect_timeout)
             await client.ehlo()
@@ -253,15 +270,20 @@ class Transaction:
     def open(self) -> bool:
         return self.client is not None
 
-    async def rcpt(self, address: str) -> Reply:
+    async def rcpt(self, address: str, *, dsn: Sequence[str] = ()) -> Reply:
         client = self.client
         if client is None:
             return unavailable("transaction closed")
         if _UNSAFE_ADDRESS.search(address):
             return Reply(553, "5.1.3 Bad recipient address syntax")
         try:
+            options = (
+                [p.encode("ascii") for p in dsn] if dsn and client.supports_extension("dsn") else []
+            )
             response = await client.execute_command(
-                b"RCPT", b"TO:<" + address.encode("utf-8") + b">",
+                b"RCPT",
+                b"TO:<" + address.encode("utf-8") + b">",
+                *options,
                 timeout=self.relay.command_timeout,
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -295,6 +317,27 @@ class Transaction:
         self._finish(reusable=True)
         return Reply(response.code, response.message)
 
+    async def data_per_recipient(self, message: bytes) -> list[Reply]:
+        """LMTP next hop: the message, and one reply per accepted recipient (RFC 2033),
+        in RCPT order; every recipient gets a 451 when the next hop fails."""
+        client = self.client
+        if client is None or not isinstance(client, LMTPClient):
+            return [await self.data(message)] * max(1, len(self.accepted))
+        count = len(self.accepted)
+        try:
+            responses = await client.lmtp_data(message, count, timeout=self.relay.data_timeout)
+        except aiosmtplib.SMTPDataError as exc:
+            self.relay.stats.inc("next_hop_failures", label="data")
+            await self._abort_after_refusal()
+            return [Reply(exc.code, exc.message)] * count
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.warning("next hop failed at DATA: %s", exc)
+            self.relay.stats.inc("next_hop_failures", label="data")
+            self._finish(reusable=False)
+            return [unavailable("no reply to the message")] * count
+        self._finish(reusable=True)
+        return [Reply(r.code, r.message) for r in responses]
+
     async def _abort_after_refusal(self) -> None:
         client = self.client
         if client is None:
@@ -316,3 +359,108 @@ class Transaction:
             return
         self.client = None
         self.relay._release(client, reusable=reusable)
+
+
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+class LMTPClient:
+    """Just enough of LMTP (RFC 2033) for the next hop, shaped like aiosmtplib.SMTP.
+
+    aiosmtplib speaks no LHLO and reads one reply after the data; an LMTP server sends
+    one per accepted recipient, often in one packet.
+    """
+
+    def __init__(self, host: str, port: int, *, local_hostname: str, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.local_hostname = local_hostname
+        self.timeout = timeout
+        self.esmtp_extensions: dict[str, str] = {}
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    def supports_extension(self, extension: str) -> bool:
+        return extension.lower() in self.esmtp_extensions
+
+    async def connect(self, *, timeout: float) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=65536), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise aiosmtplib.SMTPConnectError(str(exc)) from exc
+        greeting = await self._reply(timeout)
+        if greeting.code != 220:
+            self.close()
+            raise aiosmtplib.SMTPConnectError(f"greeting {greeting.code} {greeting.message}")
+
+    async def ehlo(self) -> aiosmtplib.SMTPResponse:
+        response = await self.execute_command(b"LHLO", self.local_hostname.encode("ascii"))
+        if response.code != 250:
+            raise aiosmtplib.SMTPHeloError(response.code, response.message)
+        self.esmtp_extensions, _ = parse_esmtp_extensions(response.message)
+        return response
+
+    async def execute_command(
+        self, *args: bytes, timeout: float | None = None
+    ) -> aiosmtplib.SMTPResponse:
+        line = b" ".join(args)
+        if re.search(rb"[\r\n\0]", line):
+            raise ValueError("command contains CR, LF or NUL")
+        self._write(line + b"\r\n")
+        return await self._reply(timeout or self.timeout)
+
+    async def lmtp_data(
+        self, message: bytes, count: int, *, timeout: float
+    ) -> list[aiosmtplib.SMTPResponse]:
+        start = await self.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        text = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", message))
+        if not text.endswith(b"\r\n"):
+            text += b"\r\n"
+        self._write(text + b".\r\n")
+        return [await self._reply(timeout) for _ in range(count)]
+
+    async def quit(self, *, timeout: float) -> None:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, ValueError):
+            await self.execute_command(b"QUIT", timeout=timeout)
+        self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+
+    def _write(self, data: bytes) -> None:
+        if not self.is_connected:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        assert self._writer is not None
+        self._writer.write(data)
+
+    async def _reply(self, timeout: float) -> aiosmtplib.SMTPResponse:
+        assert self._reader is not None
+        code, texts = 0, []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self._reader.readuntil(b"\n")
+                    if len(line) < 4 or not line[:3].isdigit():
+                        raise aiosmtplib.SMTPResponseException(-1, f"bad reply {line!r}")
+                    code = int(line[:3])
+                    texts.append(line[4:].strip().decode("utf-8", "replace"))
+                    if line[3:4] != b"-":
+                        break
+        except TimeoutError as exc:
+            self.close()
+            raise aiosmtplib.SMTPReadTimeoutError("no reply from the next hop") from exc
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
+        return aiosmtplib.SMTPResponse(code, "\n".join(texts))

@@ -18,6 +18,8 @@ import contextlib
 import logging
 import re
 import secrets
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +29,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailfilter.config import FilterConfig
+from mailfilter.config import ConfigError, FilterConfig
 from mailfilter.data import (
     BARE_LINE_END,
     NOMINAL,
@@ -37,6 +39,7 @@ from mailfilter.data import (
     DataAccumulator,
     DataLimits,
 )
+from mailfilter.front import RelayRecipients
 from mailfilter.interfaces import DEFAULT_PROFILE, Profile, QuarantineSink, RecipientLookup
 from mailfilter.policy import Envelope as PolicyEnvelope
 from mailfilter.policy import Policy, ProfilePolicy, Verdict
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9._:\[\]-]")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+# RFC 3461 xtext: printable ASCII but '+' and '=', or '+' and two upper-case hex digits.
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+_DSN_MAIL = ("RET", "ENVID")
+_DSN_RCPT = ("NOTIFY", "ORCPT")
 
 REFUSALS = {
     TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
@@ -66,6 +73,9 @@ class FilterEnvelope(Envelope):
         self.profile: Profile | None = None
         self.xforward: dict[str, str] | None = None
         self.eight_bit_declared = False
+        # RFC 3461 parameters of MAIL, and of the RCPT being handled, passed on as sent.
+        self.dsn_mail: list[str] = []
+        self.dsn_rcpt: list[str] = []
 
 
 class ConnectionGate:
@@ -106,8 +116,14 @@ class FilterHandler:
         policy: Policy | None = None,
         lookup: RecipientLookup | None = None,
         stats: Stats | None = None,
+        relay_profile: Profile | None = None,
     ) -> None:
         self.config = config
+        self.relay_profile = relay_profile or Profile("relay")
+        self.recipients = (
+            RelayRecipients(map_path=config.relay_map_path, domains=config.relay_domains)
+            if config.relay_map_path or config.relay_domains else None
+        )
         self.relay = relay
         self.sink = sink
         self.policy = policy or ProfilePolicy()
@@ -115,17 +131,26 @@ class FilterHandler:
         self.stats = stats or Stats()
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         if self.config.xforward_allowed(_peer_ip(session)):
             responses.insert(-1, "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
         responses.insert(-1, "250-ENHANCEDSTATUSCODES")
+        responses.insert(-1, "250-DSN")
         return responses
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: FilterEnvelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: FilterEnvelope,
+        address: str,
         mail_options: list[str],
     ) -> str:
         size = None
@@ -134,11 +159,12 @@ class FilterHandler:
                 size = int(option[5:])
         eight_bit = "BODY=8BITMIME" in mail_options
         reply, transaction = await self.relay.begin(
-            address,
+            _reverse_path(address),
             size=size,
             eight_bit=eight_bit,
             smtputf8=envelope.smtp_utf8,
             xforward=self._client_attributes(session, envelope),
+            dsn=envelope.dsn_mail,
         )
         if transaction is None:
             return reply.format()
@@ -149,14 +175,31 @@ class FilterHandler:
         return reply.format()
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: FilterEnvelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: FilterEnvelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             self.stats.inc("protocol_errors", label="too_many_recipients")
             return "452 4.5.3 Error: too many recipients"
+        if self.config.next_hop_lmtp and not self.config.lmtp and envelope.rcpt_tos:
+            # The next hop answers per recipient, the client hears one reply: with one
+            # recipient per transaction that reply is exact (Postfix:
+            # transport_destination_recipient_limit = 1 avoids the wait for the retry).
+            return "452 4.5.3 Error: one recipient per message here, send the others again"
         profile: Profile | None = DEFAULT_PROFILE
-        if self.lookup is not None:
+        if self.config.mode == "front" and self.config.relay_allowed(_peer_ip(session)):
+            # A client allowed to relay sends anywhere, under the relay profile.
+            profile = self.relay_profile
+        elif self.config.mode == "front" and self.recipients is not None and (
+            not self.recipients.accepts(address)
+        ):
+            self.stats.inc("protocol_errors", label="relay_denied")
+            return f"554 5.7.1 <{address}>: Relay access denied"
+        elif self.lookup is not None:
             profile = await self.lookup.profile_for(address)
         if profile is None:
             if self.config.mode == "front":
@@ -167,7 +210,7 @@ class FilterHandler:
             return f"451 4.3.0 <{address}>: different filter profile, send it separately"
         if envelope.relay is None:
             return "503 5.5.1 Error: need MAIL command"
-        reply = await envelope.relay.rcpt(address)
+        reply = await envelope.relay.rcpt(address, dsn=envelope.dsn_rcpt)
         if reply.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -200,43 +243,55 @@ class FilterHandler:
         }
 
     async def finish_data(
-        self, server: SMTP, session: Session, envelope: FilterEnvelope, content: bytes,
-        *, lmtp: bool,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: FilterEnvelope,
+        content: bytes,
+        *,
+        lmtp: bool,
     ) -> str:
         """The reply to the end of DATA, given only once the message is safe."""
         transaction = envelope.relay
         envelope.relay = None
         recipients = list(envelope.rcpt_tos)
         self.stats.inc("messages_received")
+        reply: Reply | list[Reply]
         try:
             reply = await self._act(session, envelope, transaction, content)
         except Exception:
             log.exception("unexpected failure after DATA; answering 451")
             self.stats.inc("messages_tempfailed", label="error")
             reply = Reply(451, "4.3.0 Temporary failure, please try again later")
-        if not reply.ok:
+        replies = reply if isinstance(reply, list) else [reply] * max(1, len(recipients))
+        if not all(r.ok for r in replies):
             with contextlib.suppress(Exception):
                 if transaction is not None:
                     await transaction.abort()
         if lmtp:
             # RFC 2033: one reply per accepted recipient, in RCPT order.
-            return "\r\n".join(reply.format(single_line=True) for _ in recipients)
-        return reply.format()
+            return "\r\n".join(r.format(single_line=True) for r in replies)
+        return replies[0].format()
 
     async def _act(
-        self, session: Session, envelope: FilterEnvelope, transaction: Transaction | None,
+        self,
+        session: Session,
+        envelope: FilterEnvelope,
+        transaction: Transaction | None,
         content: bytes,
-    ) -> Reply:
+    ) -> Reply | list[Reply]:
         if transaction is None:
             return Reply(451, "4.4.1 Next hop transaction lost, try again later")
         profile = envelope.profile or DEFAULT_PROFILE
         peer = session.peer or ("", 0)
         facts = PolicyEnvelope(
-            sender=envelope.mail_from or "",
+            sender=_reverse_path(envelope.mail_from or ""),
             recipients=tuple(envelope.rcpt_tos),
             client_address=str(peer[0]),
             helo=session.host_name or "",
             smtputf8=envelope.smtp_utf8,
+            relay_client=self.config.mode == "front"
+            and self.config.relay_allowed(_peer_ip(session)),
         )
         try:
             verdict = await self.policy.decide(content, facts, profile)
@@ -248,6 +303,8 @@ class FilterHandler:
         size = len(content)
         if verdict.destiny == "pass":
             message = self._top_headers(session, envelope, verdict) + content
+            if self.config.next_hop_lmtp:
+                return self._count_lmtp(await transaction.data_per_recipient(message), size)
             reply = await transaction.data(message)
             if reply.ok:
                 self.stats.inc("messages_passed")
@@ -270,7 +327,7 @@ class FilterHandler:
             mail_id = await self.sink.write(
                 category=verdict.category or "BADH",
                 message=content,
-                sender=envelope.mail_from or "",
+                sender=_reverse_path(envelope.mail_from or ""),
                 recipients=list(envelope.rcpt_tos),
                 reasons=list(verdict.reasons),
             )
@@ -284,10 +341,37 @@ class FilterHandler:
             return Reply(554, f"5.7.0 Rejected, id={mail_id} - {category}: {reason}")
         return Reply(250, f"2.7.0 Ok, discarded, id={mail_id} - {category}")
 
+    def _count_lmtp(self, replies: list[Reply], size: int) -> list[Reply]:
+        """Per-recipient next-hop replies, counted, with anything but 2xx/5xx made 451."""
+        out = []
+        for reply in replies:
+            if reply.ok:
+                out.append(reply)
+            elif reply.code >= 500:
+                out.append(reply)
+            else:
+                out.append(Reply(451, f"4.4.0 Next hop said: {' '.join(reply.lines())}"))
+        if any(r.ok for r in out):
+            self.stats.inc("messages_passed")
+            self.stats.inc("bytes_accepted", size)
+        elif all(r.code >= 500 for r in out):
+            self.stats.inc("messages_rejected", label="next_hop")
+            self.stats.inc("bytes_rejected", size)
+        else:
+            self.stats.inc("messages_tempfailed", label="next_hop")
+        return out
+
     def _top_headers(self, session: Session, envelope: FilterEnvelope, verdict: Verdict) -> bytes:
         """The only change made to a passed message: header fields put on top."""
         peer = session.peer or ("", 0)
         helo = _HELO_UNSAFE.sub("?", session.host_name or "unknown")[:255]
+        client = f"[{peer[0]}]"
+        if envelope.xforward:
+            # A trusted peer (Postfix) told us who its client was: name that client.
+            forwarded = envelope.xforward
+            helo = _HELO_UNSAFE.sub("?", forwarded.get("HELO") or "unknown")[:255]
+            name = _HELO_UNSAFE.sub("?", forwarded.get("NAME") or "unknown")[:255]
+            client = f"{name} [{_HELO_UNSAFE.sub('?', forwarded.get('ADDR') or '')}]"
         if isinstance(session, _LMTPSession):
             proto = "LMTP"
         else:
@@ -296,7 +380,7 @@ class FilterHandler:
             proto = "UTF8" + ("SMTP" if proto != "LMTP" else "LMTP")
         local_id = secrets.token_hex(6)
         received = (
-            f"Received: from {helo} ([{peer[0]}])\r\n"
+            f"Received: from {helo} ({client})\r\n"
             f"\tby {self.config.hostname} (spamviewer) with {proto} id {local_id}"
         )
         if len(envelope.rcpt_tos) == 1 and len(envelope.rcpt_tos[0]) < 200:
@@ -313,11 +397,37 @@ class _LMTPSession(Session):
     pass
 
 
+def _reverse_path(address: str) -> str:
+    """aiosmtpd gives the null reverse-path (bounces) as "<>"; the empty string here."""
+    return "" if address == "<>" else address
+
+
 def _peer_ip(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return ""
+
+
+def _dsn_value_ok(name: str, value: str) -> bool:
+    if name == "RET":
+        return value.upper() in ("FULL", "HDRS")
+    if name == "NOTIFY":
+        words = value.upper().split(",")
+        if words == ["NEVER"]:
+            return True
+        return len(set(words)) == len(words) and set(words) <= {"SUCCESS", "FAILURE", "DELAY"}
+    if name == "ENVID":
+        return len(value) <= 100 and bool(_XTEXT.fullmatch(value))
+    # ORCPT=addr-type;xtext
+    kind, sep, address = value.partition(";")
+    return (
+        bool(sep)
+        and kind.isascii()
+        and kind.replace("-", "").isalnum()
+        and len(value) <= 500
+        and bool(_XTEXT.fullmatch(address))
+    )
 
 
 def _xtext_decode(value: str) -> str:
@@ -333,8 +443,14 @@ class _FilterProtocol:
     command_size_limits: dict[str, int]
 
     def __init__(
-        self, handler: FilterHandler, *, config: FilterConfig, gate: ConnectionGate,
-        stats: Stats, registry: set, **kwargs: Any,
+        self,
+        handler: FilterHandler,
+        *,
+        config: FilterConfig,
+        gate: ConnectionGate,
+        stats: Stats,
+        registry: set,
+        **kwargs: Any,
     ) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(  # type: ignore[call-arg]
@@ -343,7 +459,7 @@ class _FilterProtocol:
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=config.hostname,
-            ident="spamviewer",
+            ident=config.banner,
             timeout=config.command_timeout,
             **kwargs,
         )
@@ -453,6 +569,48 @@ class _FilterProtocol:
                 return line
 
         reader.readuntil = read_command  # type: ignore[method-assign]
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        """MAIL with RFC 3461 RET/ENVID taken out (aiosmtpd refuses any parameter it does
+        not know), checked, and kept for the next hop."""
+        rest, dsn = await self._take_dsn(arg, _DSN_MAIL)
+        if rest is None:
+            return
+        if self.envelope is not None:
+            self.envelope.dsn_mail = dsn  # type: ignore[attr-defined]
+        await super().smtp_MAIL(rest)  # type: ignore[misc]
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        rest, dsn = await self._take_dsn(arg, _DSN_RCPT)
+        if rest is None:
+            return
+        if self.envelope is not None:
+            self.envelope.dsn_rcpt = dsn  # type: ignore[attr-defined]
+        await super().smtp_RCPT(rest)  # type: ignore[misc]
+
+    async def _take_dsn(self, arg: str, names: tuple[str, ...]) -> tuple[str | None, list[str]]:
+        if not arg or self.session is None or not self.session.extended_smtp:
+            return arg, []
+        end = arg.rfind(">")
+        if end >= 0:
+            head, tail = arg[: end + 1], arg[end + 1 :]
+        else:
+            head, _, tail = arg.partition(" ")
+        kept: list[str] = []
+        dsn: list[str] = []
+        seen: set[str] = set()
+        for token in tail.split():
+            name, _, value = token.partition("=")
+            name = name.upper()
+            if name not in names:
+                kept.append(token)
+                continue
+            if name in seen or not _dsn_value_ok(name, value):
+                await self.push(f"501 5.5.4 Syntax error in {name} parameter")  # type: ignore[attr-defined]
+                return None, []
+            seen.add(name)
+            dsn.append(f"{name}={value.upper() if name in ('RET', 'NOTIFY') else value}")
+        return " ".join([head, *kept]), dsn
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self.command_size_limits.clear()
@@ -588,15 +746,24 @@ class FilterServer:
         policy: Policy | None = None,
         lookup: RecipientLookup | None = None,
         stats: Stats | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: an already bound listening socket (runfilter binds before it drops
+        privileges, and gives each of FILTER_PROCESSES its own SO_REUSEPORT socket)."""
+        if config.mode == "front" and lookup is None and not (
+            config.relay_map_path or config.relay_domains
+        ):
+            raise ConfigError(
+                "FILTER_MODE=front needs FILTER_RELAY_MAP or FILTER_RELAY_DOMAINS: "
+                "without them no recipient would be refused (an open relay)"
+            )
+        self.sock = sock
         self.config = config
         self.sink = sink
         self.policy = policy
         self.lookup = lookup
         self.stats = stats or Stats()
-        self.gate = ConnectionGate(
-            max_clients=config.max_clients, max_per_ip=config.max_per_ip
-        )
+        self.gate = ConnectionGate(max_clients=config.max_clients, max_per_ip=config.max_per_ip)
         self._server: asyncio.Server | None = None
         self._metrics: asyncio.Server | None = None
         self._sessions: set = set()
@@ -615,22 +782,38 @@ class FilterServer:
             data_timeout=self.config.relay_data_timeout,
             idle_timeout=self.config.relay_idle_timeout,
             stats=self.stats,
+            lmtp=self.config.next_hop_lmtp,
         )
         self.handler = FilterHandler(
-            self.config, relay=self.relay, sink=self.sink, policy=self.policy,
-            lookup=self.lookup, stats=self.stats,
+            self.config,
+            relay=self.relay,
+            sink=self.sink,
+            policy=self.policy,
+            lookup=self.lookup,
+            stats=self.stats,
         )
         protocol = FilterLMTP if self.config.lmtp else FilterSMTP
 
+        tls = tls_context(self.config)
+
         def factory() -> asyncio.Protocol:
             return protocol(
-                self.handler, config=self.config, gate=self.gate, stats=self.stats,
-                registry=self._sessions, loop=loop,
+                self.handler,
+                config=self.config,
+                gate=self.gate,
+                stats=self.stats,
+                registry=self._sessions,
+                loop=loop,
+                tls_context=tls,
             )
 
-        self._server = await loop.create_server(
-            factory, self.config.listen_host, self.config.listen_port, reuse_address=True
-        )
+        if self.sock is not None:
+            self._server = await loop.create_server(factory, sock=self.sock)
+        else:
+            self._server = await loop.create_server(
+                factory, self.config.listen_host, self.config.listen_port,
+                reuse_address=True, reuse_port=self.config.processes > 1,
+            )
         if self.config.metrics_enabled:
             self._metrics = await serve_metrics(
                 self.stats, self.config.metrics_host, self.config.metrics_port
@@ -678,6 +861,42 @@ class FilterServer:
             await self._server.serve_forever()
         finally:
             await self.stop()
+
+
+def tls_context(config: FilterConfig) -> ssl.SSLContext | None:
+    """The server side of STARTTLS, when a certificate is configured."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"FILTER_TLS_CERT/FILTER_TLS_KEY: cannot load them: {exc}") from exc
+    return context
+
+
+def listening_sockets(config: FilterConfig) -> list[socket.socket]:
+    """FILTER_PROCESSES sockets bound to the same address with SO_REUSEPORT (the kernel
+    spreads connections over them); a port of 0 is resolved by the first."""
+    family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    port = config.listen_port
+    try:
+        for _ in range(config.processes):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if config.processes > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((config.listen_host, port))
+            port = sock.getsockname()[1]
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class ServerThread:

@@ -105,8 +105,12 @@ async def serve_metrics(stats: Stats, host: str, port: int) -> asyncio.Server:
                 head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
             writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()
