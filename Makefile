@@ -5,9 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: install install-test run test lint bench clean
 
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP) apt-packages-test.txt
+	bash scripts/install-apt.sh apt-packages-test.txt
+	touch $(TEST_STAMP)
 
 $(STAMP): pyproject.toml apt-packages.txt scripts/install-apt.sh
 	bash scripts/install-apt.sh apt-packages.txt
@@ -22,13 +30,13 @@ run: install
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py runsystem
 
-test: install
+test: install-test
 	bash scripts/run-tests.sh
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: install
+bench: install-test
 	bash scripts/run-bench.sh
 
 clean:
