@@ -1,8 +1,9 @@
 """The message list and search at a large quarantine, in PostgreSQL.
 
-    .venv/bin/python bench/list_page.py [--rows 1000000] [--requests 200]
+    .venv/bin/python bench/list_page.py [--rows 1000000] [--requests 200] [--keep] [--reuse]
 
-Fills a scratch database (`<name>_bench` next to DATABASE_URL's, dropped at the end) with
+Fills a scratch database (`<name>_bench` next to DATABASE_URL's, dropped at the end unless
+`--keep`; `--reuse` times a database kept by an earlier run without filling it again) with
 ROWS messages spread over 1,000 addresses, then times server-side requests through Django's
 test client: a user's list, a user's next page (keyset cursor), a user's search, vadmin's
 list and vadmin's search. The baseline is `/healthz` (one request through the same
@@ -28,7 +29,7 @@ ADDRESSES = 1000
 CATEGORIES = ["SPAM", "SPAM", "SPAM", "BANNED", "VIRUS", "BADH"]
 
 
-def _setup_database(rows: int) -> None:
+def _setup_database(reuse: bool) -> None:
     import psycopg
 
     base = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/spamviewer")
@@ -37,8 +38,14 @@ def _setup_database(rows: int) -> None:
     server, _, name = base.rpartition("/")
     bench_name = f"{name.split('?')[0]}_bench"
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{bench_name}"')
-        conn.execute(f'CREATE DATABASE "{bench_name}"')
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [bench_name]
+        ).fetchone()
+        if reuse and not exists:
+            raise SystemExit(f"--reuse: there is no database {bench_name}; run with --keep first")
+        if not reuse:
+            conn.execute(f'DROP DATABASE IF EXISTS "{bench_name}"')
+            conn.execute(f'CREATE DATABASE "{bench_name}"')
     os.environ["DATABASE_URL"] = f"{server}/{bench_name}"
     os.environ["BENCH_ADMIN_URL"] = f"{server}/postgres"
     os.environ["BENCH_DB_NAME"] = bench_name
@@ -113,9 +120,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the filled database in place for a later --reuse")
+    parser.add_argument("--reuse", action="store_true",
+                        help="time the database a --keep run left; --rows is then ignored")
     args = parser.parse_args()
 
-    _setup_database(args.rows)
+    _setup_database(args.reuse)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "spamviewer.settings")
     os.environ["SPAMVIEWER_IGNORE_DOTENV"] = "1"
     import tempfile
@@ -132,7 +143,12 @@ def main() -> None:
         call_command("migrate", verbosity=0)
         call_command("collectstatic", interactive=False, verbosity=0)
         t0 = time.perf_counter()
-        _fill(args.rows)
+        if args.reuse:
+            from quarantine.models import Message
+
+            args.rows = Message.objects.count()
+        else:
+            _fill(args.rows)
         fill_s = time.perf_counter() - t0
 
         from django.test.utils import setup_test_environment
@@ -154,6 +170,8 @@ def main() -> None:
             ("user search 'invoice'", user, "/?q=invoice"),
             ("vadmin list, first page", admin, "/"),
             ("vadmin search 'invoice'", admin, "/?q=invoice"),
+            # 1,000 messages and their 1,000 rows: To header and recipient address.
+            ("vadmin search 'user12@'", admin, "/?q=user12@"),
             # No row matches: every row of the scope is read (the worst case).
             ("user search, no match", user, "/?q=zzzznomatch"),
             ("vadmin search, no match", admin, "/?q=zzzznomatch"),
@@ -165,14 +183,21 @@ def main() -> None:
             _time(client, url, 5)  # warm caches and connections
             results.append((label, _time(client, url, args.requests)))
         base_p50 = statistics.median(results[0][1])
+        filled = "reused" if args.reuse else f"filled in {fill_s:.1f} s"
         print(f"# list page at {args.rows:,} messages (PostgreSQL), {os.cpu_count()} cores; "
-              f"filled in {fill_s:.1f} s")
+              f"{filled}")
         print(f"{'request':28} {'p50 ms':>8} {'p95 ms':>8} {'p50/baseline':>13}")
         for label, values in results:
             p50, p95 = statistics.median(values), _pct(values, 95)
             print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base_p50:12.1f}x")
     finally:
-        _drop_database()
+        if args.keep:
+            from django.db import connections
+
+            connections.close_all()
+            print(f"# kept database {os.environ['BENCH_DB_NAME']}")
+        else:
+            _drop_database()
         import shutil
 
         shutil.rmtree(static_root, ignore_errors=True)

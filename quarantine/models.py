@@ -48,6 +48,9 @@ class Message(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["origin", "storage_key"], name="message_store_file")
         ]
+        # In PostgreSQL, migration 0002 adds GIN trigram indexes for the list's search on
+        # UPPER(subject), UPPER(from_header), UPPER(to_header) and the recipient's
+        # UPPER(address); they are not declared here because SQLite has no equivalent.
         indexes = [models.Index(fields=["-received_at", "-id"], name="message_newest")]
 
     def __str__(self) -> str:
