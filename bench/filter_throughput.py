@@ -134,11 +134,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--amavis", default="", help="host:port of a running amavisd")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON line with the results at the end")
     args = parser.parse_args()
     for tool in ("smtp-source", "smtp-sink"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (Debian package postfix)")
 
+    results: list[dict] = []
     sink_port = _free_port()
     sink = subprocess.Popen(
         ["smtp-sink", *(["-u", "postfix"] if os.geteuid() == 0 else []),
@@ -159,6 +162,12 @@ def main() -> None:
                         through = _source(port, **load)
                         print(f"{size // 1024:>4}KB {sessions:>8} {processes:>5} "
                               f"{ceiling:>10.0f} {through:>9.0f} {through / ceiling:>6.2f}")
+                        results.append({
+                            "name": f"{size // 1024} KB, {sessions} sessions, "
+                                    f"{processes} process{'es' if processes > 1 else ''}",
+                            "value": round(through, 1), "unit": "msg/s",
+                            "baseline_name": "smtp-sink ceiling", "baseline": round(ceiling, 1),
+                        })
             finally:
                 _stop(worker)
         worker, port = _start_worker(sink_port, 1)
@@ -166,6 +175,8 @@ def main() -> None:
             peak = _peak_rss(worker.pid, lambda: _source(
                 port, messages=max(args.messages, 2000), sessions=100, size=4 * 1024))
             print(f"worker RSS at 100 concurrent sessions (1 process): {peak / 1024:.0f} MB")
+            results.append({"name": "worker RSS, 100 sessions, 1 process",
+                            "value": round(peak / 1024), "unit": "MB"})
         finally:
             _stop(worker)
         if args.amavis:
@@ -173,6 +184,10 @@ def main() -> None:
             rate = _source(int(amavis_port), messages=args.messages, sessions=10,
                            size=4 * 1024)
             print(f"amavisd-new at {args.amavis}, 4KB, 10 sessions: {rate:.0f}/s")
+            ceiling = _source(sink_port, messages=args.messages, sessions=10, size=4 * 1024)
+            results.append({"name": "amavisd-new, 4 KB, 10 sessions", "value": round(rate, 1),
+                            "unit": "msg/s", "baseline_name": "smtp-sink ceiling",
+                            "baseline": round(ceiling, 1)})
         else:
             installed = shutil.which("amavisd") or shutil.which("amavisd-new")
             print("amavisd-new: " + ("installed; give --amavis host:port of a running one"
@@ -180,6 +195,12 @@ def main() -> None:
     finally:
         sink.kill()
         sink.wait(10)
+    if args.json:
+        import json
+
+        print(json.dumps({"bench": "filter_throughput", "cores": os.cpu_count(),
+                          "title": f"Filter throughput, {args.messages} messages a run",
+                          "results": results}))
 
 
 if __name__ == "__main__":

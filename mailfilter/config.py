@@ -15,6 +15,10 @@ from dataclasses import dataclass, field, replace
 
 MODES = ("content_filter", "proxy_filter", "front")
 BARE_LF_POLICIES = ("reject", "normalise")
+# What a virus scan that could not be completed (clamd down, timing out, over its limits)
+# means for the message: a 451 (the sender keeps it), delivery marked as unscanned, or the
+# quarantine.
+VIRUS_SCAN_FAIL_POLICIES = ("tempfail", "pass-with-header", "quarantine")
 
 
 class ConfigError(ValueError):
@@ -83,6 +87,25 @@ class FilterConfig:
     relay_ips: tuple[str, ...] = ()
     # Worker processes sharing the listening port (SO_REUSEPORT); limits are per process.
     processes: int = 1
+    # Content checks. Profiles: MessageWall files in profile_dir (empty: one built-in
+    # profile like the example Medium for every recipient); the default and relay profiles
+    # by name; a special-users file (`address-or-domain profile` lines).
+    profile_dir: str = ""
+    default_profile: str = "Medium"
+    relay_profile: str = "Relay"
+    special_users: str = ""
+    # clamd on a unix socket or host:port; neither set: no clamd (only the profiles'
+    # virus_scan signatures). spamd likewise (spamd_host empty: no spamd).
+    clamd_socket: str = ""
+    clamd_host: str = ""
+    clamd_port: int = 3310
+    clamd_timeout: float = 60.0
+    spamd_host: str = ""
+    spamd_port: int = 783
+    spamd_timeout: float = 30.0
+    virus_scan_fail: str = "tempfail"
+    # All checks of one message together (parsing, scanners); then 451.
+    check_timeout: float = 90.0
     _networks: tuple = field(default=(), repr=False, compare=False)
     _relay_networks: tuple = field(default=(), repr=False, compare=False)
 
@@ -118,6 +141,13 @@ class FilterConfig:
             raise ConfigError("FILTER_TLS_CERT and FILTER_TLS_KEY: set both or neither")
         if any(ch in self.banner for ch in "\r\n\0"):
             raise ConfigError("FILTER_BANNER: must be one line")
+        if self.virus_scan_fail not in VIRUS_SCAN_FAIL_POLICIES:
+            raise ConfigError(
+                f"VIRUS_SCAN_FAIL={self.virus_scan_fail!r}: expected one of "
+                f"{', '.join(VIRUS_SCAN_FAIL_POLICIES)}"
+            )
+        if self.special_users and not self.profile_dir:
+            raise ConfigError("FILTER_SPECIAL_USERS needs PROFILE_DIR: it names profiles")
 
     @property
     def metrics_enabled(self) -> bool:
@@ -183,6 +213,19 @@ class FilterConfig:
             relay_domains=tuple(env.list("FILTER_RELAY_DOMAINS", [])),
             relay_ips=tuple(env.list("FILTER_RELAY_IPS", [])),
             processes=env.int("FILTER_PROCESSES", 1, minimum=1),
+            profile_dir=env.get("PROFILE_DIR", ""),
+            default_profile=env.get("FILTER_DEFAULT_PROFILE", "Medium"),
+            relay_profile=env.get("FILTER_RELAY_PROFILE", "Relay"),
+            special_users=env.get("FILTER_SPECIAL_USERS", ""),
+            clamd_socket=env.get("CLAMD_SOCKET", ""),
+            clamd_host=env.get("CLAMD_HOST", ""),
+            clamd_port=env.int("CLAMD_PORT", 3310, minimum=1),
+            clamd_timeout=env.float("CLAMD_TIMEOUT", 60.0, minimum=0.1),
+            spamd_host=env.get("SPAMD_HOST", ""),
+            spamd_port=env.int("SPAMD_PORT", 783, minimum=1),
+            spamd_timeout=env.float("SPAMD_TIMEOUT", 30.0, minimum=0.1),
+            virus_scan_fail=env.choice("VIRUS_SCAN_FAIL", "tempfail", VIRUS_SCAN_FAIL_POLICIES),
+            check_timeout=env.float("FILTER_CHECK_TIMEOUT", 90.0, minimum=1.0),
         )
 
 
@@ -302,6 +345,9 @@ def postfix_snippet(
     *,
     inbound: str = "smtp",
     transport: str = "spamviewer",
+    relay_domains: tuple[str, ...] | list[str] = (),
+    relay_next_hop: str = "",
+    relay_map: str = "",
 ) -> PostfixSnippet:
     """What Postfix needs around the worker (FILTER_README / SMTPD_PROXY_README layouts).
 
@@ -310,17 +356,39 @@ def postfix_snippet(
     smtpd service (`smtp`, or `host:port` for a listener of its own). Both: the
     reinjection smtpd on FILTER_NEXT_HOP, which relays for the worker's address only
     (its own `mynetworks`), trusts its XFORWARD, and has no content_filter (or mail loops).
+    Postfix waits longer for each of the worker's replies than the worker itself may take
+    (its checks, then the next hop), so that it never gives up on a message the worker
+    then delivers, which would deliver it twice.
+
+    Optionally, for main.cf: `relay_domains`, `relay_next_hop` (the server that takes final
+    delivery, as `relay_transport`) and `relay_map` (a table such as
+    `hash:/path/relay_recipients`, as `relay_recipient_maps`; not in front mode, where the
+    worker checks recipients itself).
     """
     worker = f"{_postfix_host(config.listen_host)}:{config.listen_port}"
     loopback = config.next_hop_host in ("127.0.0.1", "localhost", "::1")
     peers = "127.0.0.0/8" if loopback else _postfix_network(config.listen_host)
+    # The longest the worker may take to answer MAIL or RCPT (it connects to the next hop
+    # and passes the command on), and to answer the end of data (its checks, then the next
+    # hop's reply), each with a minute to spare.
+    command_limit = int(config.relay_connect_timeout + config.relay_command_timeout) + 60
+    data_limit = int(config.check_timeout + config.relay_data_timeout) + 60
     main: dict[str, str] = {}
+    if relay_domains:
+        main["relay_domains"] = ", ".join(relay_domains)
+    if relay_next_hop:
+        main["relay_transport"] = f"relay:{_postfix_next_hop(relay_next_hop)}"
+    if relay_map and config.mode != "front":
+        main["relay_recipient_maps"] = relay_map
     services: list[tuple[str, str, Mapping[str, str]]] = []
     if config.mode == "content_filter":
         client = "lmtp" if config.lmtp else "smtp"
         main["content_filter"] = f"{transport}:[{config.listen_host}]:{config.listen_port}"
         # The worker sees the envelope as the client sent it.
         main["receive_override_options"] = "no_address_mappings"
+        # End DATA only at <CR><LF>.<CR><LF> (SMTP smuggling, CVE-2023-51764); the
+        # default exclusions ($mynetworks) leave trusted clients alone.
+        main["smtpd_forbid_bare_newline"] = "normalize"
         if config.next_hop_lmtp and not config.lmtp:
             # One end-of-data reply cannot carry an LMTP next hop's per-recipient answers.
             main[f"{transport}_destination_recipient_limit"] = "1"
@@ -332,7 +400,9 @@ def postfix_snippet(
                     f"{client}_send_xforward_command": "yes",
                     "disable_mime_output_conversion": "yes",
                     f"{client}_generic_maps": "",
-                    f"{client}_data_done_timeout": f"{int(config.relay_data_timeout) + 60}",
+                    f"{client}_mail_timeout": f"{command_limit}s",
+                    f"{client}_rcpt_timeout": f"{command_limit}s",
+                    f"{client}_data_done_timeout": f"{data_limit}s",
                 },
             )
         )
@@ -348,7 +418,8 @@ def postfix_snippet(
                 line,
                 {
                     "smtpd_proxy_filter": worker,
-                    "smtpd_proxy_timeout": "100s",
+                    # One limit for every reply of the proxy, the end of data's included.
+                    "smtpd_proxy_timeout": f"{max(command_limit, data_limit)}s",
                     "smtpd_client_connection_count_limit": str(config.max_per_ip or 50),
                     # Postfix ends DATA only at <CR><LF>.<CR><LF> and turns bare LF into
                     # line ends, for every client (SMTP smuggling, CVE-2023-51764).
@@ -393,6 +464,18 @@ def postfix_snippet(
 
 def _postfix_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _postfix_next_hop(value: str) -> str:
+    """`host`, `host:port`, `[host]` or `[host]:port` as a Postfix next hop: in brackets,
+    so that Postfix delivers to that host rather than to the domain's MX hosts."""
+    value = value.strip()
+    if value.startswith("["):
+        return value
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        return f"[{host}]:{port}"
+    return f"[{value}]"
 
 
 def _postfix_network(host: str) -> str:

@@ -3,9 +3,18 @@
 aiosmtpd (>= 1.4.5) already ends DATA only at <CR><LF>.<CR><LF>, but it keeps bare CR and
 bare LF in the content as they came, buffers an over-long line in full before refusing it,
 and lets a refused message's bytes be discarded only once the size limit is crossed. The
-accumulator here sees the stream one line (or one slice of an over-long line) at a time,
-counts everything, and keeps nothing once the message is certain to be refused, so memory
-stays below the size limit whatever the client sends.
+accumulator here is fed the stream as it arrives, in chunks of any size, counts
+everything, and keeps nothing once the message is certain to be refused, so memory stays
+below the size limit whatever the client sends.
+
+The rules are those of a reader that takes one line (ended by CRLF, and only by CRLF) at
+a time: the end of data is a line "." at the start of the data or after a CRLF;
+transparency removes the first dot of a line that starts after a CRLF; the size, line
+length and header count limits apply line by line, in the order the lines came. A chunk
+of complete lines that is plainly within every limit (no bare CR or LF, no long line,
+below the size limit) is checked and copied with a few scans over the whole chunk; any
+other chunk goes line by line. An unfinished line is held back until its CRLF arrives,
+or passed on in slices once it grows past `SLICE` octets.
 
 Bare CR and LF (the "SMTP smuggling" raw material) are either refused or turned into CRLF
 (`bare_lf="normalise"`, as Postfix's `smtpd_forbid_bare_newline = normalize` and aiosmtplib
@@ -25,6 +34,10 @@ TOO_LONG = "line"
 TOO_MANY_HEADERS = "headers"
 BARE_LINE_END = "bare"
 
+# The most octets of an unfinished line held back before a slice of it is passed on.
+SLICE = 64 * 1024
+_END = b"\r\n.\r\n"
+
 
 @dataclass
 class DataLimits:
@@ -35,7 +48,8 @@ class DataLimits:
 
 
 class DataAccumulator:
-    """Feed it what the stream reader returns between 354 and the final dot."""
+    """Feed it what the client sends after the 354, chunk by chunk, until `feed` finds the
+    end of data."""
 
     def __init__(self, limits: DataLimits) -> None:
         self.limits = limits
@@ -45,16 +59,129 @@ class DataAccumulator:
         self.eight_bit = False
         self.nul_seen = False
         self.header_count = 0
+        self.done = False
         self._out = bytearray()
+        # The octets after the last CRLF seen: the start of a line not finished yet.
+        self._pending = bytearray()
         # The position in the logical (normalised) line: its length so far, and whether
         # its first octet was already seen.
         self._line_length = 0
         self._line_first: int | None = None
         self._in_headers = True
-        # True when the next chunk starts a line of the SMTP stream (after a CRLF).
+        # True when the next octet starts a line of the SMTP stream (after a CRLF).
         self.at_line_start = True
 
-    def feed(self, chunk: bytes) -> None:
+    # The stream ------------------------------------------------------------------------
+    def feed(self, data: bytes) -> int:
+        """Take the next octets of the stream. Returns -1 while the end of data is still to
+        come, else how many octets of `data` belong to the message (the final ".\\r\\n"
+        included); what follows them is the client's next command."""
+        if self.done:
+            raise ValueError("the end of data was already read")
+        before = len(self._pending)
+        if before:
+            self._pending += data
+            buf: bytes | bytearray = self._pending
+        else:
+            buf = data
+        if self.at_line_start and buf.startswith(b".\r\n"):
+            end = 0
+        else:
+            # A CRLF ends the terminator, and the held-back octets hold none: it ends in
+            # `data`, and starts at most four octets before it.
+            found = buf.find(_END, max(0, before - 4))
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            self._lines(bytes(buf[:end]))
+            self._pending = bytearray()
+            self.done = True
+            return end + 3 - before
+        last = buf.rfind(b"\r\n", max(0, before - 1))
+        if last >= 0:
+            block = bytes(buf[: last + 2])
+            self._pending = bytearray(buf[last + 2 :])
+            self._lines(block)
+        elif len(buf) > SLICE:
+            # A long line: pass it on in slices, keeping a final CR that a LF may follow.
+            keep = 1 if buf.endswith(b"\r") else 0
+            piece = bytes(buf[: len(buf) - keep])
+            self._pending = bytearray(buf[len(buf) - keep :])
+            self._line(piece)
+        elif not before:
+            self._pending += data
+        return -1
+
+    def _lines(self, block: bytes) -> None:
+        """Complete lines, each ended by CRLF."""
+        if not block:
+            return
+        if not self.at_line_start:
+            # The rest of a line passed on in slices.
+            first = block.index(b"\r\n") + 2
+            self._line(block[:first])
+            block = block[first:]
+            if not block:
+                return
+        if self.state == NOMINAL and self._plain(block):
+            return
+        if self.state != NOMINAL:
+            self._count(block)
+            return
+        start = 0
+        while start < len(block):
+            stop = block.index(b"\r\n", start) + 2
+            self._line(block[start:stop])
+            start = stop
+
+    def _count(self, block: bytes) -> None:
+        """Lines of a message already refused: counted, never kept."""
+        stuffed = block.count(b"\r\n.") + (1 if block.startswith(b".") else 0)
+        self.size += len(block) - stuffed
+        if not self.eight_bit and not block.isascii():
+            self.eight_bit = True
+        if not self.nul_seen and b"\0" in block:
+            self.nul_seen = True
+
+    def _plain(self, block: bytes) -> bool:
+        """Take lines starting at a line start when they are within every limit and hold
+        no bare CR or LF, as the line-by-line rules would; False (nothing taken) else."""
+        lines = block.count(b"\r\n")
+        if block.count(b"\r") != lines or block.count(b"\n") != lines:
+            return False
+        if block.startswith(b".") or b"\r\n." in block:
+            text = block[1:] if block.startswith(b".") else block
+            text = text.replace(b"\r\n.", b"\r\n")
+        else:
+            text = block
+        if self.size + len(text) > self.limits.max_size:
+            return False
+        split = text.split(b"\r\n")
+        split.pop()  # the empty remainder after the last CRLF
+        if max(map(len, split)) > self.limits.max_line_length:
+            return False
+        header_count = self.header_count
+        in_headers = self._in_headers
+        if in_headers:
+            for line in split:
+                if not line:
+                    in_headers = False
+                    break
+                if line[0] not in (0x20, 0x09):
+                    header_count += 1
+            if header_count > self.limits.max_header_count:
+                return False
+        self.header_count = header_count
+        self._in_headers = in_headers
+        self.size += len(text)
+        if not self.eight_bit and not text.isascii():
+            self.eight_bit = True
+        if not self.nul_seen and b"\0" in text:
+            self.nul_seen = True
+        self._out += text
+        return True
+
+    # One line ---------------------------------------------------------------------------
+    def _line(self, chunk: bytes) -> None:
         """A complete line ending in CRLF, or a slice of a longer line (never ending in CR
         that belongs to a CRLF)."""
         terminated = chunk.endswith(b"\r\n")

@@ -7,22 +7,21 @@ to it, and the Django side (`quarantine.sink`) provides the real implementations
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from mailfilter.profiles import Profile
 
-@dataclass(frozen=True)
-class Profile:
-    """A filter profile: a name and its settings (MessageWall profile keys, as strings)."""
+__all__ = [
+    "DEFAULT_PROFILE",
+    "Profile",
+    "QuarantineSink",
+    "RecipientLookup",
+    "StaticRecipientLookup",
+]
 
-    name: str = "default"
-    settings: Mapping[str, str] = field(default_factory=dict)
-
-    def get(self, key: str, default: str = "") -> str:
-        return self.settings.get(key, default)
-
-
-DEFAULT_PROFILE = Profile()
+# The profile of a transaction when nothing chose one: every MessageWall variable at its
+# documented default (no scored rules, no banned names, no signatures).
+DEFAULT_PROFILE = Profile(name="default")
 
 
 @runtime_checkable
@@ -35,8 +34,13 @@ class QuarantineSink(Protocol):
         sender: str,
         recipients: Sequence[str],
         reasons: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
     ) -> str:
         """Keep a copy of a message and return its mail_id.
+
+        `headers` are the quarantine header fields in amavisd-new's format that say why
+        the message is held (`X-Amavis-Alert`, `X-Spam-*`); without them the sink writes
+        its own from `category` and `reasons`.
 
         Returns only once the copy is durably stored *and* indexed; raises on any failure,
         and the worker then answers 451 so that the sending side keeps the message.
@@ -46,6 +50,13 @@ class QuarantineSink(Protocol):
 
 @runtime_checkable
 class RecipientLookup(Protocol):
+    """Chooses the profile of each envelope recipient.
+
+    A lookup may also offer `relay_profile() -> Profile | None`: the profile of mail that
+    one of our own clients (FILTER_RELAY_IPS) sends out; the worker's built-in `relay`
+    profile is used when it does not.
+    """
+
     async def profile_for(self, address: str) -> Profile | None:
         """The recipient's profile, or None when the address is not one of ours."""
         ...

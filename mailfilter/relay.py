@@ -106,7 +106,7 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.stats = stats or Stats()
         self._slots = asyncio.Semaphore(max_backends)
-        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._idle: list[tuple[NextHopClient, float]] = []
         self._closed = False
 
     async def begin(
@@ -123,11 +123,14 @@ class Relay:
         if _UNSAFE_ADDRESS.search(sender):
             return Reply(553, "5.1.7 Bad sender address syntax"), None
         self.stats.inc("next_hop_attempts")
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
-        except TimeoutError:
-            self.stats.inc("next_hop_failures", label="busy")
-            return unavailable("all connections busy"), None
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
+            except TimeoutError:
+                self.stats.inc("next_hop_failures", label="busy")
+                return unavailable("all connections busy"), None
+        else:
+            await self._slots.acquire()
         # A pooled connection may have been closed by the next hop meanwhile: one retry
         # on a fresh connection.
         for attempt in (1, 2):
@@ -137,8 +140,15 @@ class Relay:
                 self.stats.inc("next_hop_failures", label="connect")
                 return unavailable("cannot connect"), None
             try:
-                if xforward and client.supports_extension("xforward"):
-                    await self._xforward(client, xforward)
+                commands = (
+                    self._xforward(client, xforward)
+                    if xforward and client.supports_extension("xforward")
+                    else []
+                )
+                if commands and not client.supports_extension("pipelining"):
+                    for command in commands:
+                        await client.execute_command(*command, timeout=self.command_timeout)
+                    commands = []
                 options = []
                 if size is not None and client.supports_extension("size"):
                     options.append(f"SIZE={size}".encode())
@@ -154,12 +164,15 @@ class Relay:
                     # 4.1 would have us send a "relayed" notice; Postfix's reinjection
                     # smtpd and LMTP servers all offer DSN).
                     options.extend(p.encode("ascii") for p in dsn)
-                response = await client.execute_command(
-                    b"MAIL",
-                    b"FROM:<" + sender.encode("utf-8") + b">",
-                    *options,
-                    timeout=self.command_timeout,
+                # With PIPELINING, XFORWARD and MAIL go in one write (RFC 2920); the
+                # replies to XFORWARD change nothing.
+                commands.append(
+                    (b"MAIL", b"FROM:<" + sender.encode("utf-8") + b">", *options)
                 )
+                responses = await client.execute_commands(
+                    commands, timeout=self.command_timeout
+                )
+                response = responses[-1]
             except (aiosmtplib.SMTPException, OSError) as exc:
                 client.close()
                 if reused and attempt == 1:
@@ -186,19 +199,13 @@ class Relay:
             if now - since < self.idle_timeout and client.is_connected:
                 return client, True
             await _quit(client)
-        client: Any
-        if self.lmtp:
-            client = LMTPClient(self.host, self.port, local_hostname=self.helo,
-                                timeout=self.command_timeout)
-        else:
-            client = aiosmtplib.SMTP(
-                hostname=self.host,
-                port=self.port,
-                local_hostname=self.helo,
-                timeout=self.command_timeout,
-                start_tls=False,
-                use_tls=False,
-            )
+        client = NextHopClient(
+            self.host,
+            self.port,
+            local_hostname=self.helo,
+            timeout=self.command_timeout,
+            lmtp=self.lmtp,
+        )
         try:
             await client.connect(timeout=self.connect_timeout)
             await client.ehlo()
@@ -208,28 +215,29 @@ class Relay:
             return None, False
         return client, False
 
-    async def _xforward(self, client: aiosmtplib.SMTP, attrs: Mapping[str, str]) -> None:
-        """Send the client's attributes the next hop asked for, in commands under 512 octets."""
+    def _xforward(
+        self, client: NextHopClient, attrs: Mapping[str, str]
+    ) -> list[tuple[bytes, ...]]:
+        """The XFORWARD commands (each under 512 octets) giving the client's attributes
+        the next hop asked for."""
         offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
         items = [
             f"{name}={xtext(attrs[name])}"
             for name in XFORWARD_ATTRIBUTES
             if name in offered and attrs.get(name)
         ]
+        commands: list[tuple[bytes, ...]] = []
         command: list[str] = []
         for item in items:
             if command and len("XFORWARD " + " ".join([*command, item])) > 500:
-                await client.execute_command(
-                    b"XFORWARD", " ".join(command).encode(), timeout=self.command_timeout
-                )
+                commands.append((b"XFORWARD", " ".join(command).encode()))
                 command = []
             command.append(item)
         if command:
-            await client.execute_command(
-                b"XFORWARD", " ".join(command).encode(), timeout=self.command_timeout
-            )
+            commands.append((b"XFORWARD", " ".join(command).encode()))
+        return commands
 
-    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+    async def _reset(self, client: NextHopClient) -> None:
         try:
             response = await client.execute_command(b"RSET", timeout=self.command_timeout)
         except (aiosmtplib.SMTPException, OSError):
@@ -237,7 +245,7 @@ class Relay:
             return
         self._release(client, reusable=response.code == 250)
 
-    def _release(self, client: aiosmtplib.SMTP, *, reusable: bool) -> None:
+    def _release(self, client: NextHopClient, *, reusable: bool) -> None:
         if reusable and not self._closed and client.is_connected and self.idle_timeout > 0:
             self._idle.append((client, time.monotonic()))
         else:
@@ -251,7 +259,7 @@ class Relay:
             await _quit(client)
 
 
-async def _quit(client: aiosmtplib.SMTP) -> None:
+async def _quit(client: NextHopClient) -> None:
     if client.is_connected:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
             await client.quit(timeout=2)
@@ -261,9 +269,9 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
 class Transaction:
     """One MAIL transaction on a next-hop connection; ends with `data` or `abort`."""
 
-    def __init__(self, relay: Relay, client: aiosmtplib.SMTP) -> None:
+    def __init__(self, relay: Relay, client: NextHopClient) -> None:
         self.relay = relay
-        self.client: aiosmtplib.SMTP | None = client
+        self.client: NextHopClient | None = client
         self.accepted: list[str] = []
 
     @property
@@ -321,7 +329,7 @@ class Transaction:
         """LMTP next hop: the message, and one reply per accepted recipient (RFC 2033),
         in RCPT order; every recipient gets a 451 when the next hop fails."""
         client = self.client
-        if client is None or not isinstance(client, LMTPClient):
+        if client is None or not client.lmtp:
             return [await self.data(message)] * max(1, len(self.accepted))
         count = len(self.accepted)
         try:
@@ -362,46 +370,126 @@ class Transaction:
 
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
+# Nothing of this may reach a command line of the next hop (aiosmtplib refuses the same).
+_COMMAND_UNSAFE = re.compile(rb"[\x00-\x1f\x7f]")
+# A reply line, and a whole (multi-line) reply, may not be longer (aiosmtplib's bounds);
+# nor may what the next hop sent and was not read yet.
+_MAX_REPLY_LINE = 8192
+_MAX_REPLY = 4 * _MAX_REPLY_LINE
+_MAX_UNREAD = 1024 * 1024
 
 
-class LMTPClient:
-    """Just enough of LMTP (RFC 2033) for the next hop, shaped like aiosmtplib.SMTP.
+def wire_text(message: bytes) -> bytes:
+    """The message as sent after DATA: line ends made CRLF, a line starting with a dot
+    given another (RFC 5321 4.5.2), a final CRLF, then the end of data."""
+    lines = message.count(b"\n")
+    if message.count(b"\r") != lines or message.count(b"\r\n") != lines:
+        message = _LINE_ENDS.sub(b"\r\n", message)
+    if message.startswith(b"."):
+        message = b"." + message
+    if b"\r\n." in message:
+        message = message.replace(b"\r\n.", b"\r\n..")
+    if message and not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return message + b".\r\n"
 
-    aiosmtplib speaks no LHLO and reads one reply after the data; an LMTP server sends
-    one per accepted recipient, often in one packet.
+
+class _ReplyReader(asyncio.Protocol):
+    """The client's side of the connection: what the next hop sent, until read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.ended = False
+        self.error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > _MAX_UNREAD:
+            self.error = aiosmtplib.SMTPResponseException(-1, "Response too long")
+            assert self.transport is not None
+            self.transport.close()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.transport = None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def more(self) -> None:
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+class NextHopClient:
+    """Just enough of an SMTP (or, with `lmtp`, RFC 2033 LMTP) client for the next hop,
+    shaped like aiosmtplib.SMTP and raising its exceptions.
+
+    Compared with aiosmtplib it can send several commands in one write when the next hop
+    offers PIPELINING, reads the one reply per accepted recipient that LMTP sends after
+    the data, and sends the message with one write. Replies nobody asked for are never
+    taken for the answer to the next command: the connection is given up instead.
     """
 
-    def __init__(self, host: str, port: int, *, local_hostname: str, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, *, local_hostname: str, timeout: float, lmtp: bool = False
+    ) -> None:
         self.host = host
         self.port = port
         self.local_hostname = local_hostname
         self.timeout = timeout
+        self.lmtp = lmtp
         self.esmtp_extensions: dict[str, str] = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._protocol: _ReplyReader | None = None
 
     @property
     def is_connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        protocol = self._protocol
+        return (
+            protocol is not None
+            and protocol.transport is not None
+            and not protocol.transport.is_closing()
+            and not protocol.ended
+        )
 
     def supports_extension(self, extension: str) -> bool:
         return extension.lower() in self.esmtp_extensions
 
     async def connect(self, *, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=65536), timeout
-            )
+            async with asyncio.timeout(timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _ReplyReader(loop), self.host, self.port
+                )
         except (OSError, TimeoutError) as exc:
             raise aiosmtplib.SMTPConnectError(str(exc)) from exc
-        greeting = await self._reply(timeout)
+        self._protocol = protocol
+        [greeting] = await self._replies(1, timeout)
         if greeting.code != 220:
             self.close()
             raise aiosmtplib.SMTPConnectError(f"greeting {greeting.code} {greeting.message}")
 
     async def ehlo(self) -> aiosmtplib.SMTPResponse:
-        response = await self.execute_command(b"LHLO", self.local_hostname.encode("ascii"))
+        verb = b"LHLO" if self.lmtp else b"EHLO"
+        response = await self.execute_command(verb, self.local_hostname.encode("ascii"))
         if response.code != 250:
             raise aiosmtplib.SMTPHeloError(response.code, response.message)
         self.esmtp_extensions, _ = parse_esmtp_extensions(response.message)
@@ -410,23 +498,43 @@ class LMTPClient:
     async def execute_command(
         self, *args: bytes, timeout: float | None = None
     ) -> aiosmtplib.SMTPResponse:
-        line = b" ".join(args)
-        if re.search(rb"[\r\n\0]", line):
-            raise ValueError("command contains CR, LF or NUL")
-        self._write(line + b"\r\n")
-        return await self._reply(timeout or self.timeout)
+        [response] = await self.execute_commands([args], timeout=timeout)
+        return response
+
+    async def execute_commands(
+        self, commands: Sequence[Sequence[bytes]], *, timeout: float | None = None
+    ) -> list[aiosmtplib.SMTPResponse]:
+        """Several commands in one write, and their replies in order (PIPELINING: the
+        caller makes sure the next hop offers it when there is more than one)."""
+        lines = []
+        for args in commands:
+            for arg in args:
+                if _COMMAND_UNSAFE.search(arg):
+                    raise ValueError("command contains a control character")
+            lines.append(b" ".join(args) + b"\r\n")
+        self._write(b"".join(lines))
+        return await self._replies(len(lines), timeout or self.timeout)
+
+    async def data(self, message: bytes, *, timeout: float) -> aiosmtplib.SMTPResponse:
+        """DATA, then the message; raises SMTPDataError unless the next hop took it (250)."""
+        start = await self.execute_command(b"DATA", timeout=timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        self._write(wire_text(message))
+        [response] = await self._replies(1, timeout)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def lmtp_data(
         self, message: bytes, count: int, *, timeout: float
     ) -> list[aiosmtplib.SMTPResponse]:
+        """LMTP: DATA, the message, and one reply per accepted recipient (RFC 2033)."""
         start = await self.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
-        text = _LEADING_DOT.sub(b"..", _LINE_ENDS.sub(b"\r\n", message))
-        if not text.endswith(b"\r\n"):
-            text += b"\r\n"
-        self._write(text + b".\r\n")
-        return [await self._reply(timeout) for _ in range(count)]
+        self._write(wire_text(message))
+        return await self._replies(count, timeout)
 
     async def quit(self, *, timeout: float) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, ValueError):
@@ -434,33 +542,68 @@ class LMTPClient:
         self.close()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = None
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.close()
 
     def _write(self, data: bytes) -> None:
+        protocol = self._protocol
         if not self.is_connected:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        assert self._writer is not None
-        self._writer.write(data)
+        assert protocol is not None and protocol.transport is not None
+        if protocol.buffer:
+            # Something the next hop sent unasked (a 421 before it closed, say): no reply
+            # read from here on could be trusted to answer what we send next.
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected("unexpected data from the next hop")
+        protocol.transport.write(data)
 
-    async def _reply(self, timeout: float) -> aiosmtplib.SMTPResponse:
-        assert self._reader is not None
-        code, texts = 0, []
+    async def _replies(self, count: int, timeout: float) -> list[aiosmtplib.SMTPResponse]:
+        protocol = self._protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        replies: list[aiosmtplib.SMTPResponse] = []
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    line = await self._reader.readuntil(b"\n")
-                    if len(line) < 4 or not line[:3].isdigit():
-                        raise aiosmtplib.SMTPResponseException(-1, f"bad reply {line!r}")
-                    code = int(line[:3])
-                    texts.append(line[4:].strip().decode("utf-8", "replace"))
-                    if line[3:4] != b"-":
-                        break
+                    while len(replies) < count:
+                        reply = self._parse(protocol.buffer)
+                        if reply is None:
+                            break
+                        replies.append(reply)
+                    if len(replies) == count:
+                        return replies
+                    if protocol.error is not None:
+                        raise protocol.error
+                    if protocol.ended:
+                        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                    await protocol.more()
         except TimeoutError as exc:
             self.close()
             raise aiosmtplib.SMTPReadTimeoutError("no reply from the next hop") from exc
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+        except aiosmtplib.SMTPException:
             self.close()
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
+            raise
+
+    @staticmethod
+    def _parse(buffer: bytearray) -> aiosmtplib.SMTPResponse | None:
+        """Take one complete reply off the front of `buffer`, if there is one."""
+        code, texts, offset = 0, [], 0
+        while True:
+            end = buffer.find(b"\n", offset)
+            if end < 0:
+                if len(buffer) - offset > _MAX_REPLY_LINE or offset > _MAX_REPLY:
+                    raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+                return None
+            line = bytes(buffer[offset : end + 1])
+            offset = end + 1
+            if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n":
+                raise aiosmtplib.SMTPResponseException(-1, f"bad reply {line[:100]!r}")
+            code = int(line[:3])
+            texts.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            if line[3:4] != b"-":
+                break
+            if offset > _MAX_REPLY:
+                raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+        del buffer[:offset]
         return aiosmtplib.SMTPResponse(code, "\n".join(texts))

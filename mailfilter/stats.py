@@ -27,6 +27,12 @@ COUNTERS: dict[str, str] = {
     "next_hop_attempts": "Transactions begun with the next hop",
     "next_hop_failures": "Next hop transactions that failed (by stage)",
     "protocol_errors": "Protocol errors (by kind)",
+    "verdicts": "Content-check verdicts (by category: VIRUS, BANNED, SPAM, BADH, CLEAN, TEMPFAIL)",
+    "badh_defects": "Messages with a bad-header or MIME defect (by defect name)",
+    "banned_reasons": "Messages with a banned part (by reason kind)",
+    "viruses_found": "Messages with a virus (by scanner: signatures, clamd)",
+    "scanner_errors": "Scans that could not be completed (by scanner: clamd, spamd)",
+    "reloads": "Profile and signature reloads (by result: ok, failed)",
 }
 
 
@@ -70,6 +76,14 @@ def _label_key(name: str) -> str:
         return "stage"
     if name in ("protocol_errors",):
         return "kind"
+    if name == "verdicts":
+        return "category"
+    if name == "badh_defects":
+        return "defect"
+    if name in ("viruses_found", "scanner_errors"):
+        return "scanner"
+    if name == "reloads":
+        return "result"
     return "reason"
 
 

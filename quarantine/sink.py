@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def _findings(category: str, reasons: Sequence[str]) -> list[tuple[str, str]]:
-    """The amavisd-new header fields that tell the viewer why a message is held."""
+    """The amavisd-new header fields that tell the viewer why a message is held, for a
+    caller that gave only a category and reasons."""
     text = ", ".join(reasons) or category
     if category == "VIRUS":
-        return [("X-Amavis-Alert", f"INFECTED, MESSAGE CONTAINS VIRUS: {text}")]
+        return [("X-Amavis-Alert", f"INFECTED, message contains virus: {text}")]
     if category == "BANNED":
-        return [("X-Amavis-Alert", f"BANNED, MESSAGE CONTAINS {text}")]
+        return [("X-Amavis-Alert", f"BANNED, message contains {text}")]
     if category == "BADH":
         return [("X-Amavis-Alert", f"BAD HEADER SECTION, {text}")]
     return [("X-Spam-Flag", "YES"), ("X-Spam-Status", f"Yes, tests=[{text}]")]
@@ -45,7 +46,10 @@ class DjangoQuarantineSink:
         sender: str,
         recipients: Sequence[str],
         reasons: Sequence[str],
+        headers: Sequence[tuple[str, str]] = (),
     ) -> str:
+        """`headers`: the filter's X-Amavis-Alert / X-Spam-* fields (the store refuses any
+        other name); without them, fields are made from `category` and `reasons`."""
         return await asyncio.to_thread(
             self._write,
             category=category,
@@ -53,11 +57,12 @@ class DjangoQuarantineSink:
             sender=sender,
             recipients=list(recipients),
             reasons=list(reasons),
+            headers=list(headers),
         )
 
     def _write(
         self, *, category: str, message: bytes, sender: str, recipients: list[str],
-        reasons: list[str],
+        reasons: list[str], headers: list[tuple[str, str]] | None = None,
     ) -> str:
         mail_id, _ = generate_mail_id()
         key = self.store.write(
@@ -66,7 +71,7 @@ class DjangoQuarantineSink:
             message=message,
             sender=sender,
             recipients=recipients,
-            findings=_findings(category, reasons),
+            findings=headers or _findings(category, reasons),
         )
         try:
             index_file(self.store, key)

@@ -117,10 +117,11 @@ class MemorySink:
     def __init__(self) -> None:
         self.kept: list[dict] = []
 
-    async def write(self, *, category, message, sender, recipients, reasons) -> str:
+    async def write(self, *, category, message, sender, recipients, reasons, headers=()) -> str:
         self.kept.append(
             {"category": category, "message": message, "sender": sender,
-             "recipients": list(recipients), "reasons": list(reasons)}
+             "recipients": list(recipients), "reasons": list(reasons),
+             "headers": list(headers)}
         )
         return f"MEM{len(self.kept):09d}"
 
@@ -191,7 +192,7 @@ def start_filter(next_hop):
 
 
 def reject_profile_lookup(address: str) -> StaticRecipientLookup:
-    return StaticRecipientLookup({address: Profile("closed", {"reject": "1"})})
+    return StaticRecipientLookup({address: Profile("closed", reject=True)})
 
 
 def free_port() -> int:

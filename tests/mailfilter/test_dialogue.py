@@ -154,7 +154,7 @@ def _open_clients(worker):
 
 def test_reject_profile_gets_554_and_nothing_is_kept_or_delivered(start_filter, next_hop):
     worker = start_filter(
-        lookup=StaticRecipientLookup({"closed@example.test": Profile("closed", {"reject": "1"})})
+        lookup=StaticRecipientLookup({"closed@example.test": Profile("closed", reject=True)})
     )
     with smtplib.SMTP("127.0.0.1", worker.port) as client:
         client.ehlo("client.test")
@@ -168,7 +168,7 @@ def test_reject_profile_gets_554_and_nothing_is_kept_or_delivered(start_filter, 
 
 def test_recipient_with_a_different_profile_is_deferred_to_its_own_transaction(start_filter):
     worker = start_filter(
-        lookup=StaticRecipientLookup({"closed@example.test": Profile("closed", {"reject": "1"})})
+        lookup=StaticRecipientLookup({"closed@example.test": Profile("closed", reject=True)})
     )
     with smtplib.SMTP("127.0.0.1", worker.port) as client:
         client.ehlo("client.test")
@@ -181,7 +181,7 @@ def test_recipient_with_a_different_profile_is_deferred_to_its_own_transaction(s
 def test_front_mode_refuses_unknown_recipients_at_rcpt(start_filter):
     worker = start_filter(
         mode="front",
-        lookup=StaticRecipientLookup({"alice@example.test": Profile()}, default=None),
+        lookup=StaticRecipientLookup({"alice@example.test": Profile("alice")}, default=None),
     )
     with smtplib.SMTP("127.0.0.1", worker.port) as client:
         client.ehlo("client.test")

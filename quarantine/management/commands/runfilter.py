@@ -5,20 +5,50 @@ worker binds its sockets first and then runs as FILTER_USER. With FILTER_PROCESS
 command binds N sockets to the same address with SO_REUSEPORT, forks one worker per
 socket (the kernel spreads connections over them) and waits for them, passing SIGTERM
 and SIGINT on. `--postfix-config` prints the Postfix settings for the configured mode.
+
+The profiles (PROFILE_DIR) and their signature files are loaded before anything listens: a
+file that does not load stops the start with its path, line and reason. The pid of the
+command is written to FILTER_PID_FILE (`var/filter.pid` by default); SIGHUP to it
+(`manage.py filterctl reload`) reloads profiles and signatures in every worker process
+without closing a connection, and a reload that fails keeps the ones in use and logs why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from mailfilter.checks.virus import SignatureError
 from mailfilter.config import ConfigError, FilterConfig, postfix_snippet
+from mailfilter.policy import FilterChecks
+from mailfilter.profiles import ProfileError
 from mailfilter.server import FilterServer, listening_sockets
 from quarantine.sink import DjangoQuarantineSink
+
+log = logging.getLogger("mailfilter.reload")
+
+
+def pid_file_path() -> Path:
+    """FILTER_PID_FILE, or `filter.pid` in the var directory."""
+    return Path(os.environ.get("FILTER_PID_FILE") or Path(settings.VAR_DIR) / "filter.pid")
+
+
+def reload_checks(checks: FilterChecks) -> bool:
+    """Reload profiles and signatures; on failure keep the ones in use and log why."""
+    try:
+        checks.reload()
+    except (ProfileError, SignatureError, ValueError) as exc:
+        log.error("reload failed, the profiles in use stay: %s", exc)
+        return False
+    log.info("profiles and signatures reloaded")
+    return True
 
 
 def drop_privileges(user: str) -> None:
@@ -61,15 +91,33 @@ class Command(BaseCommand):
             return
         user = os.environ.get("FILTER_USER", "")
         try:
+            checks = FilterChecks(config)
+        except (ProfileError, SignatureError, ValueError) as exc:
+            raise CommandError(f"profiles: {exc}") from exc
+        try:
             sockets = listening_sockets(config)
         except OSError as exc:
             raise CommandError(
                 f"FILTER_LISTEN={config.listen_host}:{config.listen_port}: {exc.strerror}"
             ) from exc
-        if len(sockets) == 1:
-            asyncio.run(self._run(config, sockets[0], user))
-            return
-        self._run_processes(config, sockets, user)
+        pid_file = pid_file_path()
+        try:
+            pid_file.parent.mkdir(parents=True, exist_ok=True)
+            pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            raise CommandError(f"FILTER_PID_FILE={pid_file}: {exc.strerror or exc}") from exc
+        try:
+            if len(sockets) == 1:
+                asyncio.run(self._run(config, sockets[0], user, checks))
+                return
+            self._run_processes(config, sockets, user, checks)
+        finally:
+            # Only the command that wrote it removes it (not a forked worker).
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().strip() == str(os.getpid()):
+                    pid_file.unlink()
 
     def _announce(self, config: FilterConfig, port: int) -> None:
         self.stdout.write(
@@ -78,7 +126,9 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
 
-    def _run_processes(self, config: FilterConfig, sockets: list, user: str) -> None:
+    def _run_processes(
+        self, config: FilterConfig, sockets: list, user: str, checks: FilterChecks
+    ) -> None:
         children = []
         for sock in sockets:
             pid = os.fork()
@@ -88,7 +138,7 @@ class Command(BaseCommand):
                     for other in sockets:
                         if other is not sock:
                             other.close()
-                    asyncio.run(self._run(config, sock, user, announce=False))
+                    asyncio.run(self._run(config, sock, user, checks, announce=False))
                     code = 0
                 finally:
                     os._exit(code)
@@ -106,6 +156,7 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGHUP, forward)
         self._announce(config, port)
         failed = 0
         for pid in children:
@@ -114,8 +165,14 @@ class Command(BaseCommand):
         if failed:
             raise CommandError(f"{failed} of {len(children)} worker processes failed")
 
-    async def _run(self, config: FilterConfig, sock, user: str, *, announce: bool = True):
-        server = FilterServer(config, sink=DjangoQuarantineSink(), sock=sock)
+    async def _run(
+        self, config: FilterConfig, sock, user: str, checks: FilterChecks, *,
+        announce: bool = True,
+    ):
+        server = FilterServer(
+            config, sink=DjangoQuarantineSink(), sock=sock, policy=checks.policy,
+            lookup=checks.lookup, stats=checks.stats,
+        )
         await server.start()
         if user:
             drop_privileges(user)
@@ -123,6 +180,9 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        # Runs on the event loop between two steps of the sessions: a transaction keeps
+        # the profile it chose, and no connection is touched.
+        loop.add_signal_handler(signal.SIGHUP, reload_checks, checks)
         if announce:
             self._announce(config, server.port)
         try:
