@@ -106,6 +106,10 @@ class FilterConfig:
     virus_scan_fail: str = "tempfail"
     # All checks of one message together (parsing, scanners); then 451.
     check_timeout: float = 90.0
+    # Name servers for the profiles' DNS checks; empty: the checks are off (the lines are
+    # ignored), "system": the resolver of /etc/resolv.conf.
+    dns_servers: tuple[str, ...] = ()
+    dns_timeout: float = 4.0
     _networks: tuple = field(default=(), repr=False, compare=False)
     _relay_networks: tuple = field(default=(), repr=False, compare=False)
 
@@ -226,6 +230,11 @@ class FilterConfig:
             spamd_timeout=env.float("SPAMD_TIMEOUT", 30.0, minimum=0.1),
             virus_scan_fail=env.choice("VIRUS_SCAN_FAIL", "tempfail", VIRUS_SCAN_FAIL_POLICIES),
             check_timeout=env.float("FILTER_CHECK_TIMEOUT", 90.0, minimum=1.0),
+            dns_servers=tuple(
+                item.strip() for item in env.get("FILTER_DNS_SERVERS", "").split(",")
+                if item.strip()
+            ),
+            dns_timeout=env.float("FILTER_DNS_TIMEOUT", 4.0, minimum=0.1),
         )
 
 

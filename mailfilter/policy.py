@@ -650,6 +650,8 @@ class FilterChecks:
             spamd = SpamdClient(
                 host=config.spamd_host, port=config.spamd_port, timeout=config.spamd_timeout
             )
+        if dns_checks is None and config.dns_servers:
+            dns_checks = self._dns_hook(config)
         self.policy = CheckPolicy(
             signatures=signatures,
             clamd=clamd,
@@ -660,6 +662,20 @@ class FilterChecks:
             stats=self.stats,
             scanner_name=f"spamviewer at {config.hostname}",
         )
+
+    def _dns_hook(self, config: FilterConfig) -> DnsChecks:
+        from mailfilter.checks import dns as dns_checks
+
+        servers = None if config.dns_servers == ("system",) else list(config.dns_servers)
+        checker = dns_checks.DnsChecker(
+            nameservers=servers, timeout=config.dns_timeout / 2, lifetime=config.dns_timeout
+        )
+        stats = self.stats
+
+        def count(error) -> None:
+            stats.inc("dns_errors", label=error.check)
+
+        return dns_checks.policy_hook(checker, on_error=count)
 
     def _load(self) -> tuple[ProfileSet | None, SignatureLibrary]:
         config = self.config

@@ -33,6 +33,8 @@ COUNTERS: dict[str, str] = {
     "viruses_found": "Messages with a virus (by scanner: signatures, clamd)",
     "scanner_errors": "Scans that could not be completed (by scanner: clamd, spamd)",
     "reloads": "Profile and signature reloads (by result: ok, failed)",
+    "dns_errors": "DNS check queries that decided nothing: timeout, SERVFAIL, missing zone "
+    "(by profile variable)",
 }
 
 
@@ -70,6 +72,8 @@ class Stats:
 
 
 def _label_key(name: str) -> str:
+    if name == "dns_errors":
+        return "check"
     if name == "messages_quarantined":
         return "category"
     if name == "next_hop_failures":

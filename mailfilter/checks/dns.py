@@ -56,6 +56,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from email.utils import getaddresses
 
 import dns.asyncresolver
 import dns.exception
@@ -522,3 +523,41 @@ def _list_detail(line: Scored[DnsList]) -> Callable[[list[str]], str]:
         return f"{', '.join(items)} listed in {listing.zone}{answer}"
 
     return describe
+
+
+def uses_dns(profile: Profile) -> bool:
+    """Whether a profile has any DNS check."""
+    return bool(
+        profile.dnsbl or profile.dnsbl_domain or profile.rdns_required.value
+        or profile.rmx_required.value
+    )
+
+
+def policy_hook(checker: DnsChecker, *, on_error=None):
+    """The policy's `dns_checks` hook: `(parsed, envelope, profile) -> SPAM findings`.
+
+    The From header's domains are looked up as well as the envelope sender's. `on_error`
+    is called with each DnsError (timeouts, SERVFAIL...), which never add a score."""
+
+    async def run(parsed, envelope, profile: Profile) -> list[Finding]:
+        if not uses_dns(profile):
+            return []
+        from_domains = []
+        for value in parsed.header_all("From")[:5]:
+            for _name, address in getaddresses([value]):
+                domain = sender_domain(address)
+                if domain:
+                    from_domains.append(domain)
+        lookups = checker.start(
+            profile,
+            client_ip=envelope.client_address or None,
+            sender=envelope.sender,
+            from_domains=from_domains,
+        )
+        findings = await lookups.findings()
+        if on_error is not None:
+            for error in lookups.errors:
+                on_error(error)
+        return findings
+
+    return run

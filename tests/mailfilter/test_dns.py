@@ -451,3 +451,54 @@ def test_zone_missing_reads_the_soa_of_the_nxdomain():
     assert _zone_missing(nxdomain("sub.bl.example."), zone) is False
     assert _zone_missing(nxdomain("example."), zone) is True
     assert _zone_missing(nxdomain("."), zone) is True
+
+
+# -- wired into the worker's policy -------------------------------------------------------
+
+
+def _checks_with_dns(tmp_path, servers: tuple[str, ...]):
+    from mailfilter.config import FilterConfig
+    from mailfilter.policy import FilterChecks
+
+    (tmp_path / "Medium").write_text("reject_score=5\ndnsbl=6,bl.test/127.0.0.2\n")
+    (tmp_path / "Relay").write_text("reject_score=10\n")
+    return FilterChecks(FilterConfig(profile_dir=str(tmp_path), dns_servers=servers))
+
+
+def _decide(checks, client_ip: str):
+    from mailfilter.policy import Envelope
+
+    raw = (b"From: a@remote.example\r\nTo: alice@example.test\r\nSubject: hi\r\n"
+           b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@remote.example>\r\n"
+           b"\r\nhello\r\n")
+    envelope = Envelope(sender="a@remote.example", recipients=("alice@example.test",),
+                        client_address=client_ip)
+
+    async def go():
+        profile = await checks.lookup.profile_for("alice@example.test")
+        return await checks.policy.decide(raw, envelope, profile)
+
+    return asyncio.run(go())
+
+
+def test_a_listed_client_makes_the_message_spam_through_the_worker_policy(dns_server, tmp_path):
+    checks = _checks_with_dns(tmp_path, (f"127.0.0.1:{dns_server.port}",))
+    listed = _decide(checks, "127.0.0.2")
+    assert listed.category == "SPAM"
+    assert any(f.name == "dnsbl" and f.score == 6.0 for f in listed.findings)
+    assert _decide(checks, "127.0.0.9").category is None
+
+
+def test_without_dns_servers_the_profiles_dns_lines_ask_nothing(dns_server, tmp_path):
+    checks = _checks_with_dns(tmp_path, ())
+    assert checks.policy.dns_checks is None
+    assert _decide(checks, "127.0.0.2").category is None
+
+
+def test_dns_errors_are_counted_in_the_statistics(dns_server, tmp_path):
+    checks = _checks_with_dns(tmp_path, (f"127.0.0.1:{dns_server.port}",))
+    (tmp_path / "Medium").write_text("reject_score=5\ndnsbl=6,no-such-zone.auth.test\n")
+    checks.reload()
+    _decide(checks, "127.0.0.2")
+    assert checks.stats.get("dns_errors", "dnsbl") == 1
+    assert 'spamviewer_filter_dns_errors_total{check="dnsbl"} 1' in checks.stats.render()
