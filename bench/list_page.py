@@ -124,6 +124,8 @@ def main() -> None:
                         help="leave the filled database in place for a later --reuse")
     parser.add_argument("--reuse", action="store_true",
                         help="time the database a --keep run left; --rows is then ignored")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON line with the results at the end")
     args = parser.parse_args()
 
     _setup_database(args.reuse)
@@ -190,6 +192,8 @@ def main() -> None:
         for label, values in results:
             p50, p95 = statistics.median(values), _pct(values, 95)
             print(f"{label:28} {p50:8.2f} {p95:8.2f} {p50 / base_p50:12.1f}x")
+        if args.json:
+            _print_json(args.rows, results)
     finally:
         if args.keep:
             from django.db import connections
@@ -201,6 +205,25 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(static_root, ignore_errors=True)
+
+
+def _print_json(rows: int, results: list[tuple[str, list[float]]]) -> None:
+    """One line for scripts/run-bench.sh: each request's p50/p95 beside the baseline's."""
+    import json
+
+    base = results[0][1]
+    out = []
+    for label, values in results[1:]:
+        goal = 50.0 if "list" in label else 200.0
+        p95 = _pct(values, 95)
+        out.append({"name": label, "value": round(statistics.median(values), 2),
+                    "p95": round(p95, 2), "unit": "ms", "baseline_name": results[0][0],
+                    "baseline": round(statistics.median(base), 2),
+                    "baseline_p95": round(_pct(base, 95), 2),
+                    "goal": f"p95 < {goal:.0f} ms", "met": p95 < goal})
+    print(json.dumps({"bench": "list_page", "cores": os.cpu_count(),
+                      "title": f"List page and search, {rows:,} messages (PostgreSQL)",
+                      "results": out}))
 
 
 if __name__ == "__main__":

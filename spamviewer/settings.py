@@ -252,12 +252,34 @@ if LOGIN_METHOD == "ldap":
     ]
 
 # ---------------------------------------------------------------------------------------
-# Celery: Redis in production; with no REDIS_URL, tasks run in-process.
+# Celery: Redis in production (REDIS_URL). Without it, `runsystem` sets EMBEDDED_BROKER=True
+# for the processes it starts: they share kombu's filesystem transport under
+# var/celery/, so a worker and beat run with no server at all. With neither (tests, a
+# management command run on its own) tasks run in-process.
 # ---------------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL")
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+EMBEDDED_BROKER = env_bool("EMBEDDED_BROKER", False) and not REDIS_URL
+CELERY_DIR = VAR_DIR / "celery"
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+elif EMBEDDED_BROKER:
+    CELERY_BROKER_URL = "filesystem://localhost/"
+    # Producers and the worker use the same folder for both directions. A message is
+    # claimed by renaming it into the processed folder (same filesystem, so one consumer
+    # wins); runsystem removes processed messages after a day.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_DIR / "queue"),
+        "data_folder_out": str(CELERY_DIR / "queue"),
+        "control_folder": str(CELERY_DIR / "control"),
+        "processed_folder": str(CELERY_DIR / "processed"),
+        "store_processed": True,
+    }
+else:
+    CELERY_BROKER_URL = "memory://"
 CELERY_RESULT_BACKEND = None
-CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+CELERY_TASK_ALWAYS_EAGER = not (REDIS_URL or EMBEDDED_BROKER)
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -318,14 +318,14 @@ smtp_connect_timeout = 5s
         with smtplib.SMTP("127.0.0.1", self.inbound, local_hostname="client.example") as c:
             return c.sendmail(sender, list(recipients), message, **options)
 
-    def delivered(self, count: int, *, settle: float = 0.5, timeout: float = 20) -> list[bytes]:
+    def delivered(self, count: int, *, settle: float = 0.5, timeout: float = 90) -> list[bytes]:
         """The sink's messages once there are `count` (or the time is up), after a pause
         in which a duplicate would have shown up."""
         wait_until(lambda: len(self.sink.dumps()) >= count, timeout)
         time.sleep(settle)
         return self.sink.dumps()
 
-    def queue_empty(self, timeout: float = 10) -> bool:
+    def queue_empty(self, timeout: float = 60) -> bool:
         return bool(wait_until(lambda: self.postfix.queue() == [], timeout))
 
 

@@ -67,7 +67,8 @@ def deferred(chain, reason: str) -> list[dict]:
         ]
         return queue if found else None
 
-    queue = wait_until(check, timeout=20)
+    # Generous: a loaded machine can take a while; the wait ends as soon as it holds.
+    queue = wait_until(check, timeout=90)
     assert queue, (chain.postfix.queue(), chain.postfix.log()[-3000:])
     return queue
 
