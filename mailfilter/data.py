@@ -37,6 +37,8 @@ BARE_LINE_END = "bare"
 # The most octets of an unfinished line held back before a slice of it is passed on.
 SLICE = 64 * 1024
 _END = b"\r\n.\r\n"
+# A line that starts with a dot (in text already known to hold no bare CR or LF).
+_DOT_LINE = re.compile(rb"\n\.")
 
 
 @dataclass
@@ -101,14 +103,15 @@ class DataAccumulator:
             block = bytes(buf[: last + 2])
             self._pending = bytearray(buf[last + 2 :])
             self._lines(block)
-        elif len(buf) > SLICE:
-            # A long line: pass it on in slices, keeping a final CR that a LF may follow.
-            keep = 1 if buf.endswith(b"\r") else 0
-            piece = bytes(buf[: len(buf) - keep])
-            self._pending = bytearray(buf[len(buf) - keep :])
-            self._line(piece)
         elif not before:
             self._pending += data
+        pending = self._pending
+        if len(pending) > SLICE:
+            # A long line: pass it on in slices, keeping a final CR that a LF may follow.
+            keep = 1 if pending.endswith(b"\r") else 0
+            piece = bytes(pending[: len(pending) - keep])
+            del pending[: len(pending) - keep]
+            self._line(piece)
         return -1
 
     def _lines(self, block: bytes) -> None:
@@ -132,6 +135,9 @@ class DataAccumulator:
             stop = block.index(b"\r\n", start) + 2
             self._line(block[start:stop])
             start = stop
+            if self.state != NOMINAL:
+                self._count(block[start:])
+                return
 
     def _count(self, block: bytes) -> None:
         """Lines of a message already refused: counted, never kept."""
@@ -145,18 +151,20 @@ class DataAccumulator:
     def _plain(self, block: bytes) -> bool:
         """Take lines starting at a line start when they are within every limit and hold
         no bare CR or LF, as the line-by-line rules would; False (nothing taken) else."""
-        lines = block.count(b"\r\n")
+        split = block.split(b"\r\n")
+        split.pop()  # the empty remainder after the last CRLF
+        lines = len(split)
         if block.count(b"\r") != lines or block.count(b"\n") != lines:
             return False
-        if block.startswith(b".") or b"\r\n." in block:
+        if block.startswith(b".") or _DOT_LINE.search(block):
             text = block[1:] if block.startswith(b".") else block
             text = text.replace(b"\r\n.", b"\r\n")
+            split = text.split(b"\r\n")
+            split.pop()
         else:
             text = block
         if self.size + len(text) > self.limits.max_size:
             return False
-        split = text.split(b"\r\n")
-        split.pop()  # the empty remainder after the last CRLF
         if max(map(len, split)) > self.limits.max_line_length:
             return False
         header_count = self.header_count

@@ -22,7 +22,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from typing import Any
 
@@ -907,6 +907,17 @@ class FilterServer:
             await self._server.serve_forever()
         finally:
             await self.stop()
+
+
+def run_worker(main: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run, on uvloop's event loop when uvloop can be imported (it takes a good
+    part of the event loop's own cost off each message), on asyncio's otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def quiet_protocol_log() -> None:

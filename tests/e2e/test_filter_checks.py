@@ -84,6 +84,8 @@ def test_virus_is_quarantined_and_listed_with_its_name_for_the_recipient(
     page = client.get(reverse("quarantine:list") + "?category=VIRUS")
     assert page.status_code == 200
     assert b"a virus" in page.content
+    # The list itself names the virus, not only the detail page.
+    assert b"Eicar-Test-Signature" in page.content
     detail = client.get(reverse("quarantine:detail", args=[message.mail_id]))
     assert b"Eicar-Test-Signature" in detail.content
 

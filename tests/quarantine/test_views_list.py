@@ -274,3 +274,15 @@ def test_search_box_and_category_select_keep_their_values(client, world, make_me
 
     assert 'name="q" id="id_q" value="&quot;&gt;&lt;b&gt;"' in page
     assert '<option value="BANNED" selected>' in page
+
+
+def test_the_list_shows_why_a_message_is_held(client, world, make_message):
+    make_message(category="VIRUS", subject="invoice", reasons="virus: Win.Test.EICAR_HDB-1")
+    make_message(category="BANNED", subject="setup",
+                 reasons="banned: application/x-dosexec,setup.exe")
+    client.force_login(world.alice)
+
+    page = client.get(LIST).content.decode()
+
+    assert "virus: Win.Test.EICAR_HDB-1" in page
+    assert "banned: application/x-dosexec,setup.exe" in page

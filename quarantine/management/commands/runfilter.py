@@ -29,7 +29,7 @@ from mailfilter.checks.virus import SignatureError
 from mailfilter.config import ConfigError, FilterConfig, postfix_snippet
 from mailfilter.policy import FilterChecks
 from mailfilter.profiles import ProfileError
-from mailfilter.server import FilterServer, listening_sockets
+from mailfilter.server import FilterServer, listening_sockets, run_worker
 from quarantine.sink import DjangoQuarantineSink
 
 log = logging.getLogger("mailfilter.reload")
@@ -110,7 +110,7 @@ class Command(BaseCommand):
             raise CommandError(f"FILTER_PID_FILE={pid_file}: {exc.strerror or exc}") from exc
         try:
             if len(sockets) == 1:
-                asyncio.run(self._run(config, sockets[0], user, checks))
+                run_worker(self._run(config, sockets[0], user, checks))
                 return
             self._run_processes(config, sockets, user, checks)
         finally:
@@ -138,7 +138,7 @@ class Command(BaseCommand):
                     for other in sockets:
                         if other is not sock:
                             other.close()
-                    asyncio.run(self._run(config, sock, user, checks, announce=False))
+                    run_worker(self._run(config, sock, user, checks, announce=False))
                     code = 0
                 finally:
                     os._exit(code)
