@@ -12,9 +12,10 @@ answer 5xx so that the sending MTA bounces) or `reject` (answer 5xx, keep nothin
           given, and spamd's score times the profile's `spamassassin` weight (messages up
           to spam_max_size only); spam when the sum reaches reject_score;
   BADH    defects of the header section and of the MIME structure.
-The CPU-bound part (parsing, archive listing, signature scan, rules) runs in a worker
-thread so the event loop keeps serving other sessions; the whole decision is bounded by
-`timeout`, after which the worker answers 451.
+The CPU-bound part (parsing, archive listing, signature scan, rules) runs on the event
+loop for messages under `inline_limit` bytes (handing them to a thread costs more than the
+work) and in a worker thread for larger ones, so the loop keeps serving other sessions;
+the whole decision is bounded by `timeout`, after which the worker answers 451.
 
 A virus scan that could not be completed is never "clean": with VIRUS_SCAN_FAIL=tempfail
 (the default) `decide` raises `TemporaryFailure` and the worker answers 451; with
@@ -244,7 +245,8 @@ def _analyse(
     library: SignatureLibrary,
     limits: mime.MimeLimits,
 ) -> _Analysis:
-    """Parse once and run the checks that need no network (blocking: run in a thread)."""
+    """Parse once and run the checks that need no network (blocking: a large message is
+    run in a thread)."""
     parsed = mime.parse_message(message, limits=limits)
     blobs = list(parsed.scan_blobs())
     findings: list[Finding] = []
@@ -299,8 +301,12 @@ class CheckPolicy:
 
     `clamd` / `spamd`: clients, or None when the worker has no such daemon.
     `dns_checks`: an async callable `(parsed, envelope, profile) -> SPAM findings` for the
-    profile's dnsbl, dnsbl_domain, rdns_required and rmx_required; None: not checked.
+    profile's dnsbl, dnsbl_domain, rdns_required and rmx_required; None: not checked. A
+    hook with a `prepare(envelope, profile)` method can start its queries before the
+    message arrives (see `prepare`) and is then called with them as a fourth argument.
     `stats`: the worker's counters (verdicts by category, defects, banned kinds).
+    `inline_limit`: messages smaller than this many bytes are parsed and scanned on the
+    event loop, larger ones in a worker thread.
     """
 
     def __init__(
@@ -315,6 +321,7 @@ class CheckPolicy:
         stats: Stats | None = None,
         scanner_name: str = "spamviewer",
         mime_limits: mime.MimeLimits = mime.DEFAULT_LIMITS,
+        inline_limit: int = 256 * 1024,
     ) -> None:
         if virus_scan_fail not in VIRUS_SCAN_FAIL_POLICIES:
             raise ValueError(f"virus_scan_fail: unknown policy {virus_scan_fail!r}")
@@ -327,26 +334,50 @@ class CheckPolicy:
         self.stats = stats if stats is not None else Stats()
         self.scanner_name = _printable(scanner_name) or "spamviewer"
         self.mime_limits = mime_limits
+        self.inline_limit = inline_limit
 
-    async def decide(self, message: bytes, envelope: Envelope, profile: Profile) -> Verdict:
-        if profile.reject:
-            return _profile_reject(profile)
+    def prepare(self, envelope: Envelope, profile: Profile) -> object | None:
+        """Start the DNS queries that need only the envelope (client address, sender);
+        called by the worker at the first accepted RCPT. Returns them, to be given to
+        `decide` as `prepared` (or cancelled with their `cancel()` if no message comes),
+        or None when there is nothing to start."""
+        if self.dns_checks is None or profile.reject:
+            return None
+        start = getattr(self.dns_checks, "prepare", None)
+        if start is None:
+            return None
+        return start(envelope, profile)
+
+    async def decide(
+        self, message: bytes, envelope: Envelope, profile: Profile, *, prepared=None
+    ) -> Verdict:
         try:
-            verdict = await asyncio.wait_for(
-                self._decide(message, envelope, profile), self.timeout
-            )
-        except TimeoutError:
-            raise TemporaryFailure(
-                f"content checks took longer than {self.timeout:g}s", label="check_timeout"
-            ) from None
-        return verdict
+            if profile.reject:
+                return _profile_reject(profile)
+            try:
+                verdict = await asyncio.wait_for(
+                    self._decide(message, envelope, profile, prepared), self.timeout
+                )
+            except TimeoutError:
+                raise TemporaryFailure(
+                    f"content checks took longer than {self.timeout:g}s", label="check_timeout"
+                ) from None
+            return verdict
+        finally:
+            if prepared is not None:
+                prepared.cancel()
 
-    async def _decide(self, message: bytes, envelope: Envelope, profile: Profile) -> Verdict:
+    async def _decide(
+        self, message: bytes, envelope: Envelope, profile: Profile, prepared=None
+    ) -> Verdict:
         # One library for the whole message, even if a reload swaps it meanwhile.
         library = self.signatures
-        analysis = await asyncio.to_thread(
-            _analyse, message, envelope, profile, library, self.mime_limits
-        )
+        if len(message) < self.inline_limit:
+            analysis = _analyse(message, envelope, profile, library, self.mime_limits)
+        else:
+            analysis = await asyncio.to_thread(
+                _analyse, message, envelope, profile, library, self.mime_limits
+            )
         findings = list(analysis.findings)
         already_held = any(f.category in ("VIRUS", "BANNED") for f in findings)
         spam_asked = self.spamd is not None and profile.spamassassin > 0
@@ -354,7 +385,7 @@ class CheckPolicy:
             self._clamd(analysis.blobs),
             # Spam does not matter once a virus or a banned part decides the message.
             self._spamd(message, profile) if spam_asked and not already_held else _none(),
-            self._dns(analysis.parsed, envelope, profile),
+            self._dns(analysis.parsed, envelope, profile, prepared),
         )
         scan_error = ""
         if clamd_result is not None:
@@ -388,11 +419,15 @@ class CheckPolicy:
         return await self.spamd.check(message, max_size=profile.spam_max_size)
 
     async def _dns(
-        self, parsed: mime.ParsedMessage, envelope: Envelope, profile: Profile
+        self, parsed: mime.ParsedMessage, envelope: Envelope, profile: Profile, prepared=None
     ) -> list[Finding]:
         if self.dns_checks is None:
             return []
-        return [f for f in await self.dns_checks(parsed, envelope, profile) if f.category == "SPAM"]
+        if prepared is not None:
+            found = await self.dns_checks(parsed, envelope, profile, prepared)  # type: ignore[call-arg]
+        else:
+            found = await self.dns_checks(parsed, envelope, profile)
+        return [f for f in found if f.category == "SPAM"]
 
     def _verdict(
         self,

@@ -83,6 +83,9 @@ class FilterEnvelope(Envelope):
         # RFC 3461 parameters of MAIL, and of the RCPT being handled, passed on as sent.
         self.dsn_mail: list[str] = []
         self.dsn_rcpt: list[str] = []
+        # What the policy started at the first accepted RCPT (its DNS queries), handed to
+        # its decide() after DATA and cancelled when the transaction ends without one.
+        self.prepared: Any = None
 
 
 class ConnectionGate:
@@ -219,10 +222,24 @@ class FilterHandler:
             return "503 5.5.1 Error: need MAIL command"
         reply = await envelope.relay.rcpt(address, dsn=envelope.dsn_rcpt)
         if reply.ok:
+            first = not envelope.rcpt_tos
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             envelope.profile = profile
+            if first:
+                self._prepare(session, envelope, profile)
         return reply.format()
+
+    def _prepare(self, session: Session, envelope: FilterEnvelope, profile: Profile) -> None:
+        """Let the policy start what needs only the envelope (DNS queries) now."""
+        prepare = getattr(self.policy, "prepare", None)
+        if prepare is None or envelope.prepared is not None:
+            return
+        try:
+            envelope.prepared = prepare(self._facts(session, envelope), profile)
+        except Exception:
+            # decide() starts them itself after DATA.
+            log.exception("policy could not prepare the transaction's checks")
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         return "250 2.0.0 Ok"
@@ -261,11 +278,12 @@ class FilterHandler:
         """The reply to the end of DATA, given only once the message is safe."""
         transaction = envelope.relay
         envelope.relay = None
+        prepared, envelope.prepared = envelope.prepared, None
         recipients = list(envelope.rcpt_tos)
         self.stats.inc("messages_received")
         reply: Reply | list[Reply]
         try:
-            reply = await self._act(session, envelope, transaction, content)
+            reply = await self._act(session, envelope, transaction, content, prepared)
         except Exception:
             log.exception("unexpected failure after DATA; answering 451")
             self.stats.inc("messages_tempfailed", label="error")
@@ -286,21 +304,21 @@ class FilterHandler:
         envelope: FilterEnvelope,
         transaction: Transaction | None,
         content: bytes,
+        prepared: Any = None,
     ) -> Reply | list[Reply]:
         if transaction is None:
+            if prepared is not None:
+                prepared.cancel()
             return Reply(451, "4.4.1 Next hop transaction lost, try again later")
         profile = envelope.profile or DEFAULT_PROFILE
-        peer = session.peer or ("", 0)
-        facts = PolicyEnvelope(
-            sender=_reverse_path(envelope.mail_from or ""),
-            recipients=tuple(envelope.rcpt_tos),
-            client_address=str(peer[0]),
-            helo=session.host_name or "",
-            smtputf8=envelope.smtp_utf8,
-            relay_client=self._relay_client(session, envelope),
-        )
+        facts = self._facts(session, envelope)
         try:
-            verdict = await self.policy.decide(content, facts, profile)
+            if prepared is not None:
+                verdict = await self.policy.decide(  # type: ignore[call-arg]
+                    content, facts, profile, prepared=prepared
+                )
+            else:
+                verdict = await self.policy.decide(content, facts, profile)
         except TemporaryFailure as failure:
             # A scanner that is down, or checks out of time: the sender keeps the message.
             log.warning("content checks could not decide: %s", failure)
@@ -379,6 +397,17 @@ class FilterHandler:
         else:
             self.stats.inc("messages_tempfailed", label="next_hop")
         return out
+
+    def _facts(self, session: Session, envelope: FilterEnvelope) -> PolicyEnvelope:
+        peer = session.peer or ("", 0)
+        return PolicyEnvelope(
+            sender=_reverse_path(envelope.mail_from or ""),
+            recipients=tuple(envelope.rcpt_tos),
+            client_address=str(peer[0]),
+            helo=session.host_name or "",
+            smtputf8=envelope.smtp_utf8,
+            relay_client=self._relay_client(session, envelope),
+        )
 
     def _relay_client(self, session: Session, envelope: FilterEnvelope) -> bool:
         """The client is one of FILTER_RELAY_IPS: our own, sending out. In front mode the
@@ -563,6 +592,10 @@ class _FilterProtocol:
         super()._set_post_data_state()  # type: ignore[misc]
 
     def _drop_transaction(self, envelope: Envelope | None) -> None:
+        prepared = getattr(envelope, "prepared", None)
+        if prepared is not None:
+            envelope.prepared = None  # type: ignore[union-attr]
+            prepared.cancel()
         relay = getattr(envelope, "relay", None)
         if relay is None:
             return

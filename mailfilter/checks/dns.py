@@ -533,31 +533,50 @@ def uses_dns(profile: Profile) -> bool:
     )
 
 
-def policy_hook(checker: DnsChecker, *, on_error=None):
+class DnsHook:
     """The policy's `dns_checks` hook: `(parsed, envelope, profile) -> SPAM findings`.
 
     The From header's domains are looked up as well as the envelope sender's. `on_error`
-    is called with each DnsError (timeouts, SERVFAIL...), which never add a score."""
+    is called with each DnsError (timeouts, SERVFAIL...), which never add a score.
 
-    async def run(parsed, envelope, profile: Profile) -> list[Finding]:
+    `prepare(envelope, profile)` starts the queries of the client address and the envelope
+    sender as soon as both are known (at the first accepted RCPT) and returns them, or
+    None when the profile has no DNS check; given back to the call as `lookups`, only the
+    From header's domains are added then.
+    """
+
+    def __init__(self, checker: DnsChecker, *, on_error=None) -> None:
+        self.checker = checker
+        self.on_error = on_error
+
+    def prepare(self, envelope, profile: Profile) -> DnsLookups | None:
         if not uses_dns(profile):
-            return []
+            return None
+        return self.checker.start(
+            profile, client_ip=envelope.client_address or None, sender=envelope.sender
+        )
+
+    async def __call__(
+        self, parsed, envelope, profile: Profile, lookups: DnsLookups | None = None
+    ) -> list[Finding]:
+        if lookups is None:
+            lookups = self.prepare(envelope, profile)
+            if lookups is None:
+                return []
         from_domains = []
         for value in parsed.header_all("From")[:5]:
             for _name, address in getaddresses([value]):
                 domain = sender_domain(address)
                 if domain:
                     from_domains.append(domain)
-        lookups = checker.start(
-            profile,
-            client_ip=envelope.client_address or None,
-            sender=envelope.sender,
-            from_domains=from_domains,
-        )
+        lookups.add_from_domains(from_domains)
         findings = await lookups.findings()
-        if on_error is not None:
+        if self.on_error is not None:
             for error in lookups.errors:
-                on_error(error)
+                self.on_error(error)
         return findings
 
-    return run
+
+def policy_hook(checker: DnsChecker, *, on_error=None) -> DnsHook:
+    """The policy's `dns_checks` hook (see DnsHook)."""
+    return DnsHook(checker, on_error=on_error)

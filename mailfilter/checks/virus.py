@@ -129,6 +129,8 @@ class SignatureLibrary:
         self._lock = threading.Lock()
         self._paths = {Path(path).resolve() for path in paths}
         self._sets: Mapping[Path, SignatureSet] = {}
+        # The resolved path of each name `get` was given, until the next reload.
+        self._resolved: dict[str, Path] = {}
         self.reload()
 
     def reload(self, paths: Iterable[str | os.PathLike[str]] | None = None) -> None:
@@ -137,10 +139,15 @@ class SignatureLibrary:
             wanted = self._paths if paths is None else {Path(p).resolve() for p in paths}
             fresh = {path: load_signatures(path) for path in sorted(wanted)}
             self._paths, self._sets = wanted, fresh
+            self._resolved = {}
 
     def get(self, path: str | os.PathLike[str]) -> SignatureSet:
         """The set of one file, read now if no profile named it at the last reload."""
-        path = Path(path).resolve()
+        key = os.fspath(path)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = self._resolved[key] = Path(key).resolve()
+        path = resolved
         found = self._sets.get(path)
         if found is None:
             with self._lock:

@@ -502,3 +502,142 @@ def test_dns_errors_are_counted_in_the_statistics(dns_server, tmp_path):
     _decide(checks, "127.0.0.2")
     assert checks.stats.get("dns_errors", "dnsbl") == 1
     assert 'spamviewer_filter_dns_errors_total{check="dnsbl"} 1' in checks.stats.render()
+
+
+class _RecordingProxy:
+    """A UDP name server in front of dnsmasq that notes when each query arrives."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port = upstream_port
+        self.arrivals: list[tuple[float, str]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import dns.query
+
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            self.arrivals.append((time.monotonic(), query.question[0].name.to_text()))
+            reply = dns.query.udp(query, "127.0.0.1", port=self.upstream_port, timeout=2)
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def first(self, name: str) -> float | None:
+        return next((at for at, text in self.arrivals if text == name), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_the_worker_sends_its_queries_before_the_data_command(
+    dns_server, tmp_path, start_filter, raw
+):
+    from mailfilter.config import FilterConfig
+    from mailfilter.policy import FilterChecks
+
+    proxy = _RecordingProxy(dns_server.port)
+    try:
+        (tmp_path / "Medium").write_text(
+            "reject_score=5\ndnsbl=1,bl.test\nrmx_required=1,1\ndnsbl_domain=6,dbl.test\n"
+        )
+        (tmp_path / "Relay").write_text("reject_score=10\n")
+        checks = FilterChecks(
+            FilterConfig(profile_dir=str(tmp_path), dns_servers=(f"127.0.0.1:{proxy.port}",))
+        )
+        worker = start_filter(policy=checks.policy, lookup=checks.lookup)
+        client = raw(worker.port)
+        client.reply()
+        client.command(b"EHLO client.test")
+        assert client.command(b"MAIL FROM:<a@mx.example.test>").startswith(b"250")
+        assert client.command(b"RCPT TO:<alice@example.test>").startswith(b"250")
+        early = ("1.0.0.127.bl.test.", "mx.example.test.", "mx.example.test.dbl.test.")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and None in map(proxy.first, early):
+            time.sleep(0.02)
+        data_sent = time.monotonic()
+        assert client.command(b"DATA").startswith(b"354")
+        reply = client.command(
+            b"From: <b@spam.example.test>\r\nTo: alice@example.test\r\nSubject: hi\r\n"
+            b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <2@remote.example>\r\n"
+            b"\r\nhello\r\n."
+        )
+        assert reply.startswith(b"250"), reply
+        for name in early:
+            arrived = proxy.first(name)
+            assert arrived is not None and arrived < data_sent, name
+        # The From header's domain is known only after DATA, and each query is sent once.
+        assert proxy.first("spam.example.test.dbl.test.") > data_sent
+        assert [text for _, text in proxy.arrivals].count("1.0.0.127.bl.test.") == 1
+        assert checks.stats.get("verdicts", "SPAM") == 1
+    finally:
+        proxy.stop()
+
+
+def test_what_the_policy_prepared_is_cancelled_on_rset_and_quit_and_used_after_data(
+    start_filter, raw
+):
+    class Prepared:
+        def __init__(self, envelope) -> None:
+            self.envelope = envelope
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Preparing:
+        def __init__(self) -> None:
+            self.prepared: list[Prepared] = []
+            self.decided_with: list[Prepared | None] = []
+
+        def prepare(self, envelope, profile):
+            self.prepared.append(Prepared(envelope))
+            return self.prepared[-1]
+
+        async def decide(self, message, envelope, profile, *, prepared=None):
+            from mailfilter.policy import CLEAN
+
+            self.decided_with.append(prepared)
+            return CLEAN
+
+    policy = Preparing()
+    worker = start_filter(policy=policy)
+    client = raw(worker.port)
+    client.reply()
+    client.command(b"EHLO client.test")
+    for _ in range(2):
+        client.command(b"MAIL FROM:<a@remote.example>")
+        client.command(b"RCPT TO:<alice@example.test>")
+        client.command(b"RCPT TO:<bob@example.test>")
+        assert client.command(b"RSET").startswith(b"250")
+    assert len(policy.prepared) == 2 and all(p.cancelled for p in policy.prepared)
+    assert policy.prepared[0].envelope.sender == "a@remote.example"
+    assert policy.prepared[0].envelope.client_address == "127.0.0.1"
+
+    client.command(b"MAIL FROM:<a@remote.example>")
+    client.command(b"RCPT TO:<alice@example.test>")
+    client.command(b"DATA")
+    assert client.command(b"Subject: hi\r\n\r\nhello\r\n.").startswith(b"250")
+    assert policy.decided_with == [policy.prepared[2]]
+
+    client.command(b"MAIL FROM:<a@remote.example>")
+    client.command(b"RCPT TO:<alice@example.test>")
+    assert not policy.prepared[3].cancelled
+    client.command(b"QUIT")
+    deadline = time.monotonic() + 3
+    while not policy.prepared[3].cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert policy.prepared[3].cancelled

@@ -215,6 +215,29 @@ def test_checks_out_of_time_are_a_temporary_failure():
     assert failure.value.label == "check_timeout"
 
 
+def test_small_messages_are_checked_on_the_loop_and_large_ones_in_a_thread(monkeypatch):
+    import threading
+
+    import mailfilter.policy as policy_module
+
+    threads = []
+    analyse = policy_module._analyse
+
+    def recording(*args):
+        threads.append(threading.current_thread())
+        return analyse(*args)
+
+    monkeypatch.setattr(policy_module, "_analyse", recording)
+    policy = CheckPolicy(inline_limit=4096)
+    small = message()
+    assert len(small) < 4096
+    decide(policy, small, BUILTIN_DEFAULT_PROFILE)
+    decide(CheckPolicy(inline_limit=len(small)), small, BUILTIN_DEFAULT_PROFILE)
+    assert threads[0] is threading.main_thread()
+    assert threads[1] is not threading.main_thread()
+    assert CheckPolicy().inline_limit == 256 * 1024
+
+
 def test_a_bad_profile_stops_the_start_naming_file_and_line(tmp_path):
     (tmp_path / "Medium").write_text("reject_score=5\nfilename_reject=\n")
     with pytest.raises(ProfileError) as error:

@@ -136,3 +136,29 @@ def test_reload_keeps_the_old_signatures_when_the_file_breaks(tmp_path):
     with pytest.raises(SignatureError):
         library.reload()
     assert [h.name for h in library.get(path).scan([("x", b"first-pattern")])] == ["First"]
+
+
+def test_a_name_is_resolved_once_until_the_next_reload(tmp_path, monkeypatch):
+    first, second = tmp_path / "first.sigs", tmp_path / "second.sigs"
+    first.write_text("First=text:first-pattern\n")
+    second.write_text("Second=text:second-pattern\n")
+    link = tmp_path / "local.sigs"
+    link.symlink_to(first)
+    library = SignatureLibrary([link])
+    calls = []
+    resolve = type(link).resolve
+
+    def counting(self, *args, **kwargs):
+        calls.append(self)
+        return resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(link), "resolve", counting)
+    for _ in range(3):
+        assert library.get(str(link)).scan([("x", b"first-pattern")])
+    assert len(calls) == 1
+    link.unlink()
+    link.symlink_to(second)
+    library.reload([link])
+    assert [h.name for h in library.get(str(link)).scan([("x", b"second-pattern")])] == [
+        "Second"
+    ]
