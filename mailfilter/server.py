@@ -350,10 +350,11 @@ class FilterHandler:
         await transaction.abort()
         category = verdict.category or "CLEAN"
         reason = verdict.summary or "; ".join(verdict.reasons) or category
+        detail = _status_detail(verdict)
         if verdict.destiny == "reject":
             self.stats.inc("messages_rejected", label=category)
             self.stats.inc("bytes_rejected", size)
-            return Reply(554, f"5.7.0 Rejected: {reason}")
+            return Reply(554, f"5.{detail} Rejected: {reason}")
         try:
             mail_id = await self.sink.write(
                 category=verdict.category or "BADH",
@@ -372,11 +373,11 @@ class FilterHandler:
         if verdict.summary:
             # amavisd-new's texts: "id=... - INFECTED: name", "- BANNED: ...", "- spam".
             if verdict.destiny == "bounce":
-                return Reply(554, f"5.7.0 Bounce, id={mail_id} - {verdict.summary}")
-            return Reply(250, f"2.7.0 Ok, discarded, id={mail_id} - {verdict.summary}")
+                return Reply(554, f"5.{detail} Bounce, id={mail_id} - {verdict.summary}")
+            return Reply(250, f"2.{detail} Ok, discarded, id={mail_id} - {verdict.summary}")
         if verdict.destiny == "bounce":
-            return Reply(554, f"5.7.0 Rejected, id={mail_id} - {category}: {reason}")
-        return Reply(250, f"2.7.0 Ok, discarded, id={mail_id} - {category}")
+            return Reply(554, f"5.{detail} Rejected, id={mail_id} - {category}: {reason}")
+        return Reply(250, f"2.{detail} Ok, discarded, id={mail_id} - {category}")
 
     def _count_lmtp(self, replies: list[Reply], size: int) -> list[Reply]:
         """Per-recipient next-hop replies, counted, with anything but 2xx/5xx made 451."""
@@ -940,6 +941,15 @@ class FilterServer:
             await self._server.serve_forever()
         finally:
             await self.stop()
+
+
+def _status_detail(verdict) -> str:
+    """The enhanced status code's subject and detail, as amavisd-new answers: 6.3 for 8-bit
+    data in a header, 6.0 for other bad headers (a media error), 7.0 (policy) otherwise."""
+    if verdict.category == "BADH":
+        names = {f.name for f in verdict.findings}
+        return "6.3" if "8bit-in-header" in names else "6.0"
+    return "7.0"
 
 
 def run_worker(main: Coroutine[Any, Any, Any]) -> Any:
