@@ -519,36 +519,37 @@ def _quote_env(value: str) -> str:
 def update_env_text(text: str, values: Mapping[str, str]) -> str:
     """`text` with each setting of `values` set: its first line replaced, later lines for
     the same name dropped, missing names added at the end. Other lines stay as they are."""
-    seen: set[str] = set()
-    out: list[str] = []
-    for line in text.splitlines():
+
+    def name_of(line: str) -> str | None:
         match = _ENV_LINE.match(line)
-        name = match.group(1) if match else None
-        if name in values:
-            if name not in seen:
-                out.append(f"{name}={_quote_env(values[name])}")
-                seen.add(name)
-            continue
-        out.append(line)
-    missing = [name for name in values if name not in seen]
-    if missing:
-        if out and out[-1].strip():
-            out.append("")
-        out.append("# Written by manage.py configure")
-        out += [f"{name}={_quote_env(values[name])}" for name in missing]
-    return "\n".join(out) + "\n"
+        return match.group(1) if match else None
+
+    return _set_lines(text, values, name_of, lambda name, value: f"{name}={_quote_env(value)}")
 
 
 def update_profile_text(text: str, values: Mapping[str, str]) -> str:
     """The same for a profile file: the wizard's variables set, every other line kept."""
+
+    def name_of(line: str) -> str | None:
+        name, sep, _ = line.partition("=")
+        return name.strip() if sep else None
+
+    return _set_lines(text, values, name_of, lambda name, value: f"{name}={value}")
+
+
+def _set_lines(
+    text: str,
+    values: Mapping[str, str],
+    name_of: Callable[[str], str | None],
+    render: Callable[[str, str], str],
+) -> str:
     seen: set[str] = set()
     out: list[str] = []
     for line in text.splitlines():
-        name, sep, _ = line.partition("=")
-        name = name.strip()
-        if sep and name in values:
+        name = name_of(line)
+        if name in values:
             if name not in seen:
-                out.append(f"{name}={values[name]}")
+                out.append(render(name, values[name]))
                 seen.add(name)
             continue
         out.append(line)
@@ -557,7 +558,7 @@ def update_profile_text(text: str, values: Mapping[str, str]) -> str:
         if out and out[-1].strip():
             out.append("")
         out.append("# Written by manage.py configure")
-        out += [f"{name}={values[name]}" for name in missing]
+        out += [render(name, values[name]) for name in missing]
     return "\n".join(out) + "\n"
 
 
