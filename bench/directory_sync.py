@@ -30,6 +30,9 @@ import time
 import uuid
 from pathlib import Path
 
+# bench/ is the script's own directory, first on sys.path.
+from scratchdb import drop_scratch_database, use_scratch_database
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -139,31 +142,6 @@ def _start_slapd(root: Path, objects: int) -> Slapd:
             time.sleep(0.05)
 
 
-def _setup_database() -> None:
-    import psycopg
-
-    base = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/spamviewer")
-    if not base.startswith("postgres"):
-        raise SystemExit("bench/directory_sync.py needs DATABASE_URL to point at PostgreSQL")
-    server, _, name = base.rpartition("/")
-    bench_name = f"{name.split('?')[0]}_bench_directory"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{bench_name}"')
-        conn.execute(f'CREATE DATABASE "{bench_name}"')
-    os.environ["DATABASE_URL"] = f"{server}/{bench_name}"
-    os.environ["BENCH_ADMIN_URL"] = f"{server}/postgres"
-    os.environ["BENCH_DB_NAME"] = bench_name
-
-
-def _drop_database() -> None:
-    import psycopg
-    from django.db import connections
-
-    connections.close_all()
-    with psycopg.connect(os.environ["BENCH_ADMIN_URL"], autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{os.environ["BENCH_DB_NAME"]}"')
-
-
 def _configure(server: Slapd, work: Path) -> None:
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "spamviewer.settings",
@@ -232,7 +210,7 @@ def main() -> None:
     print(f"  slapadd and start: {load_time:.1f} s")
     try:
         _configure(server, work)
-        _setup_database()
+        use_scratch_database("bench_directory", script="bench/directory_sync.py")
         import django
 
         django.setup()
@@ -242,7 +220,7 @@ def main() -> None:
         try:
             _run(server, args.objects, as_json=args.json)
         finally:
-            _drop_database()
+            drop_scratch_database()
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

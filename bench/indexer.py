@@ -33,37 +33,15 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
+# bench/ is the script's own directory, first on sys.path.
+from scratchdb import drop_scratch_database, use_scratch_database
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CATEGORIES = ["SPAM", "SPAM", "SPAM", "BANNED", "VIRUS", "BADH"]
 FIRST_RUN_GOAL_S = 60.0
 UNCHANGED_GOAL_S = 2.0
-
-
-def _setup_database() -> None:
-    import psycopg
-
-    base = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/spamviewer")
-    if not base.startswith("postgres"):
-        raise SystemExit("bench/indexer.py needs DATABASE_URL to point at PostgreSQL")
-    server, _, name = base.rpartition("/")
-    bench_name = f"{name.split('?')[0]}_bench_indexer"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{bench_name}"')
-        conn.execute(f'CREATE DATABASE "{bench_name}"')
-    os.environ["DATABASE_URL"] = f"{server}/{bench_name}"
-    os.environ["BENCH_ADMIN_URL"] = f"{server}/postgres"
-    os.environ["BENCH_DB_NAME"] = bench_name
-
-
-def _drop_database() -> None:
-    import psycopg
-    from django.db import connections
-
-    connections.close_all()
-    with psycopg.connect(os.environ["BENCH_ADMIN_URL"], autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{os.environ["BENCH_DB_NAME"]}"')
 
 
 def _message(i: int, when: datetime, rng: random.Random) -> bytes:
@@ -144,7 +122,7 @@ def main() -> None:
                         help="print one JSON line with the results at the end")
     args = parser.parse_args()
 
-    _setup_database()
+    use_scratch_database("bench_indexer", script="bench/indexer.py")
     work = Path(tempfile.mkdtemp(prefix="sv-bench-indexer-"))
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "spamviewer.settings",
@@ -177,7 +155,7 @@ def main() -> None:
         _write_files(store_root, args.files, churn)
         churn_s, churned = _timed(lambda: index_directory(store_root))
     finally:
-        _drop_database()
+        drop_scratch_database()
         shutil.rmtree(work, ignore_errors=True)
 
     cores = os.cpu_count()

@@ -22,42 +22,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+# bench/ is the script's own directory, first on sys.path.
+from scratchdb import drop_scratch_database, use_scratch_database
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ADDRESSES = 1000
 CATEGORIES = ["SPAM", "SPAM", "SPAM", "BANNED", "VIRUS", "BADH"]
-
-
-def _setup_database(reuse: bool) -> None:
-    import psycopg
-
-    base = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/spamviewer")
-    if not base.startswith("postgres"):
-        raise SystemExit("bench/list_page.py needs DATABASE_URL to point at PostgreSQL")
-    server, _, name = base.rpartition("/")
-    bench_name = f"{name.split('?')[0]}_bench"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", [bench_name]
-        ).fetchone()
-        if reuse and not exists:
-            raise SystemExit(f"--reuse: there is no database {bench_name}; run with --keep first")
-        if not reuse:
-            conn.execute(f'DROP DATABASE IF EXISTS "{bench_name}"')
-            conn.execute(f'CREATE DATABASE "{bench_name}"')
-    os.environ["DATABASE_URL"] = f"{server}/{bench_name}"
-    os.environ["BENCH_ADMIN_URL"] = f"{server}/postgres"
-    os.environ["BENCH_DB_NAME"] = bench_name
-
-
-def _drop_database() -> None:
-    import psycopg
-    from django.db import connections
-
-    connections.close_all()
-    with psycopg.connect(os.environ["BENCH_ADMIN_URL"], autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{os.environ["BENCH_DB_NAME"]}"')
 
 
 def _fill(rows: int) -> None:
@@ -128,7 +100,7 @@ def main() -> None:
                         help="print one JSON line with the results at the end")
     args = parser.parse_args()
 
-    _setup_database(args.reuse)
+    use_scratch_database("bench", script="bench/list_page.py", reuse=args.reuse)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "spamviewer.settings")
     os.environ["SPAMVIEWER_IGNORE_DOTENV"] = "1"
     import tempfile
@@ -201,7 +173,7 @@ def main() -> None:
             connections.close_all()
             print(f"# kept database {os.environ['BENCH_DB_NAME']}")
         else:
-            _drop_database()
+            drop_scratch_database()
         import shutil
 
         shutil.rmtree(static_root, ignore_errors=True)
