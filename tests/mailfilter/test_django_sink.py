@@ -6,11 +6,9 @@ use committed transactions (`transactional_db`).
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from quarantine.models import Message
 from quarantine.sink import DjangoQuarantineSink
 from quarantine.store import FileStore
+from tests.mailfilter.processes import start_runfilter
 
 from .conftest import QuarantineEverything
 
@@ -68,30 +67,12 @@ def test_quarantine_that_cannot_be_written_gets_451_and_leaves_no_row(
     assert next_hop.deliveries == []
 
 
-def _runfilter(env_extra: dict) -> subprocess.Popen:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "SPAMVIEWER_IGNORE_DOTENV": "1",
-        "DJANGO_SETTINGS_MODULE": "spamviewer.settings",
-        "FILTER_LISTEN": "127.0.0.1:0",
-        "FILTER_HOSTNAME": "filter.test",
-        **env_extra,
-    }
-    for name in ("DATABASE_URL", "SPAMVIEWER_VAR_DIR"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "runfilter"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
 @pytest.fixture
 def runfilter(tmp_path):
     processes: list[subprocess.Popen] = []
 
     def start(**env) -> tuple[subprocess.Popen, int]:
-        process = _runfilter({k: str(v) for k, v in env.items()})
+        process = start_runfilter({k: str(v) for k, v in env.items()})
         processes.append(process)
         line = process.stdout.readline()
         assert "filter listening on" in line, line + process.stderr.read()
@@ -139,7 +120,7 @@ def test_worker_killed_mid_data_leaves_nothing_in_the_store(runfilter, next_hop,
 
 
 def test_runfilter_names_the_bad_variable(runfilter):
-    process = _runfilter({"FILTER_MODE": "sideways"})
+    process = start_runfilter({"FILTER_MODE": "sideways"})
     try:
         _, err = process.communicate(timeout=30)
     finally:

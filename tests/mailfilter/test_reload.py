@@ -5,10 +5,7 @@ across the reload."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from django.core.management import CommandError, call_command
 from mailfilter.config import FilterConfig
 from mailfilter.policy import FilterChecks
 from mailfilter.profiles import ProfileError
+from tests.mailfilter.processes import start_runfilter
 from tests.mailfilter.test_policy import message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,31 +58,13 @@ def test_reload_with_a_broken_signature_file_keeps_the_old_set(tmp_path):
     assert checks.policy.signatures is library
 
 
-def _runfilter(env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "SPAMVIEWER_IGNORE_DOTENV": "1",
-        "DJANGO_SETTINGS_MODULE": "spamviewer.settings",
-        "FILTER_LISTEN": "127.0.0.1:0",
-        "FILTER_HOSTNAME": "filter.test",
-        **env_extra,
-    }
-    for name in ("DATABASE_URL", "SPAMVIEWER_VAR_DIR"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return subprocess.Popen(
-        [sys.executable, "manage.py", "runfilter"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
 @pytest.fixture
 def worker(tmp_path, next_hop, monkeypatch):
     profiles = tmp_path / "profiles"
     write_profiles(profiles, "reject_score=5\n")
     pid_file = tmp_path / "filter.pid"
     monkeypatch.setenv("FILTER_PID_FILE", str(pid_file))
-    process = _runfilter({
+    process = start_runfilter({
         "FILTER_NEXT_HOP": f"127.0.0.1:{next_hop.port}",
         "QUARANTINE_DIR": str(tmp_path / "q"),
         "PROFILE_DIR": str(profiles),
@@ -144,7 +124,7 @@ def test_filterctl_reload_swaps_profiles_without_dropping_connections(worker, ne
 def test_a_broken_profile_refuses_the_start_with_file_line_and_reason(tmp_path):
     profiles = tmp_path / "profiles"
     write_profiles(profiles, "# comment\nreject_score=5\nfilename_reject=\n")
-    process = _runfilter({"PROFILE_DIR": str(profiles),
+    process = start_runfilter({"PROFILE_DIR": str(profiles),
                           "FILTER_PID_FILE": str(tmp_path / "filter.pid")})
     try:
         _, err = process.communicate(timeout=30)
