@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import smtplib
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,6 @@ from tests.mailfilter.processes import start_runfilter
 
 from .conftest import QuarantineEverything
 
-ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@remote.example\r\nTo: alice@example.test\r\nSubject: held\r\n\r\nbody\r\n"
 
 

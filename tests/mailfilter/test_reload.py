@@ -18,8 +18,6 @@ from mailfilter.profiles import ProfileError
 from tests.mailfilter.processes import start_runfilter
 from tests.mailfilter.test_policy import message
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def write_profiles(directory: Path, medium: str) -> None:
     directory.mkdir(exist_ok=True)
