@@ -43,7 +43,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from io import BytesIO
-from typing import Protocol
+from typing import Any, Protocol
 
 from mailfilter import mime
 from mailfilter.checks.banned import check_banned
@@ -354,6 +354,10 @@ class CheckPolicy:
         try:
             if profile.reject:
                 return _profile_reject(profile)
+            if not self._waits(message, profile):
+                # The checks run straight through, which no timeout could interrupt, and
+                # the task wait_for would start costs more than the checks of small mail.
+                return await self._decide(message, envelope, profile, prepared)
             try:
                 verdict = await asyncio.wait_for(
                     self._decide(message, envelope, profile, prepared), self.timeout
@@ -366,6 +370,15 @@ class CheckPolicy:
         finally:
             if prepared is not None:
                 prepared.cancel()
+
+    def _waits(self, message: bytes, profile: Profile) -> bool:
+        """Whether deciding on `message` awaits anything: a thread, clamd, spamd or DNS."""
+        return (
+            len(message) >= self.inline_limit
+            or self.clamd is not None
+            or (self.spamd is not None and profile.spamassassin > 0)
+            or self.dns_checks is not None
+        )
 
     async def _decide(
         self, message: bytes, envelope: Envelope, profile: Profile, prepared=None
@@ -381,12 +394,15 @@ class CheckPolicy:
         findings = list(analysis.findings)
         already_held = any(f.category in ("VIRUS", "BANNED") for f in findings)
         spam_asked = self.spamd is not None and profile.spamassassin > 0
-        clamd_result, spam_result, dns_findings = await asyncio.gather(
-            self._clamd(analysis.blobs),
+        clamd_result, spam_result, dns_found = await _concurrently(
+            self._clamd(analysis.blobs) if self.clamd is not None else None,
             # Spam does not matter once a virus or a banned part decides the message.
-            self._spamd(message, profile) if spam_asked and not already_held else _none(),
-            self._dns(analysis.parsed, envelope, profile, prepared),
+            self._spamd(message, profile) if spam_asked and not already_held else None,
+            self._dns(analysis.parsed, envelope, profile, prepared)
+            if self.dns_checks is not None
+            else None,
         )
+        dns_findings: list[Finding] = dns_found or []
         scan_error = ""
         if clamd_result is not None:
             if clamd_result.found:
@@ -409,9 +425,8 @@ class CheckPolicy:
             scan_error=scan_error, spam_result=spam_result, spam_asked=spam_asked,
         )
 
-    async def _clamd(self, blobs: list[tuple[str, bytes]]) -> ClamdResult | None:
-        if self.clamd is None:
-            return None
+    async def _clamd(self, blobs: list[tuple[str, bytes]]) -> ClamdResult:
+        assert self.clamd is not None
         return await self.clamd.scan_blobs(blobs)
 
     async def _spamd(self, message: bytes, profile: Profile) -> SpamResult:
@@ -421,8 +436,7 @@ class CheckPolicy:
     async def _dns(
         self, parsed: mime.ParsedMessage, envelope: Envelope, profile: Profile, prepared=None
     ) -> list[Finding]:
-        if self.dns_checks is None:
-            return []
+        assert self.dns_checks is not None
         if prepared is not None:
             found = await self.dns_checks(parsed, envelope, profile, prepared)  # type: ignore[call-arg]
         else:
@@ -554,8 +568,18 @@ class CheckPolicy:
         )
 
 
-async def _none() -> None:
-    return None
+async def _concurrently(*calls: Awaitable[Any] | None) -> list[Any]:
+    """The results of `calls`, run concurrently; None for a call that is None.
+
+    A lone call is awaited in the current task: a task of its own would cost more than
+    the local checks of a small message, and there is nothing to overlap it with.
+    """
+    live = [call for call in calls if call is not None]
+    if len(live) > 1:
+        done = iter(await asyncio.gather(*live))
+    else:
+        done = iter([await call for call in live])
+    return [None if call is None else next(done) for call in calls]
 
 
 def _printable(text: str) -> str:

@@ -31,6 +31,7 @@ MAX_REPLY = 64 * 1024
 _STATUS = re.compile(rb"^SPAMD/(\d+\.\d+) (\d+) ?(.*)$")
 _SPAM = re.compile(r"^(True|False|Yes|No) ; (-?\d+(?:\.\d+)?) / (-?\d+(?:\.\d+)?)$")
 _TEST = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_ATOM = re.compile(r"[^,]+,?|,")
 LEVEL_CAP = 50
 
 
@@ -182,7 +183,12 @@ def spam_status(
         f"required={required:.1f}",
         "tests=" + (",".join(t for t in tests if _TEST.fullmatch(t)) or "none"),
     ]
-    return _fold("X-Spam-Status", " ".join(words))
+    status = " ".join(words)
+    # Words of one or more characters, one space apart: a value that fits on the first line
+    # is what folding would give back.
+    if len("X-Spam-Status: ") + len(status) <= 78:
+        return status
+    return _fold("X-Spam-Status", status)
 
 
 def spam_level(score: float, char: str = "*") -> str:
@@ -221,7 +227,7 @@ def _fold(name: str, value: str) -> str:
     """
     atoms: list[tuple[str, str]] = []  # (separator before the atom, atom)
     for index, word in enumerate(value.split(" ")):
-        for part_index, atom in enumerate(re.findall(r"[^,]+,?|,", word)):
+        for part_index, atom in enumerate(_ATOM.findall(word)):
             atoms.append((" " if index and not part_index else "", atom))
     lines: list[str] = []
     current = ""

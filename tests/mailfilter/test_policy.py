@@ -238,6 +238,31 @@ def test_small_messages_are_checked_on_the_loop_and_large_ones_in_a_thread(monke
     assert CheckPolicy().inline_limit == 256 * 1024
 
 
+def test_checks_with_nothing_to_wait_for_run_in_the_callers_task(monkeypatch):
+    import mailfilter.policy as policy_module
+
+    tasks = []
+    analyse = policy_module._analyse
+
+    def recording(*args):
+        tasks.append(asyncio.current_task())
+        return analyse(*args)
+
+    async def no_findings(parsed, envelope, prof):
+        return []
+
+    async def run(policy: CheckPolicy):
+        verdict = await policy.decide(message(), ENVELOPE, BUILTIN_DEFAULT_PROFILE)
+        return verdict, asyncio.current_task()
+
+    monkeypatch.setattr(policy_module, "_analyse", recording)
+    verdict, caller = asyncio.run(run(CheckPolicy()))
+    assert verdict.destiny == "pass" and tasks == [caller]
+    # With a DNS hook there is something to wait for, and the timeout's task runs it.
+    verdict, caller = asyncio.run(run(CheckPolicy(dns_checks=no_findings)))
+    assert verdict.destiny == "pass" and tasks[1] is not caller
+
+
 def test_a_bad_profile_stops_the_start_naming_file_and_line(tmp_path):
     (tmp_path / "Medium").write_text("reject_score=5\nfilename_reject=\n")
     with pytest.raises(ProfileError) as error:

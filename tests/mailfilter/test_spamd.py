@@ -214,3 +214,11 @@ def test_a_long_test_list_is_folded_within_78_columns():
     assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
     assert all(line.startswith("\t") for line in lines[1:])
     assert value.replace("\r\n\t", "").endswith(",".join(tests))
+
+
+def test_a_status_is_folded_only_past_78_columns():
+    # "X-Spam-Status: No, score=2.0 required=5.0 tests=" is 48 columns.
+    fits = spam_status(is_spam=False, score=2.0, required=5.0, tests=["A" * 30])
+    assert len(f"X-Spam-Status: {fits}") == 78 and "\r\n" not in fits
+    folded = spam_status(is_spam=False, score=2.0, required=5.0, tests=["A" * 31])
+    assert folded == "No, score=2.0 required=5.0\r\n\ttests=" + "A" * 31
