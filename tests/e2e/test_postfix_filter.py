@@ -58,12 +58,19 @@ def assert_original_plus_top_fields(dump: bytes, original: bytes) -> bytes:
 
 
 def deferred(chain, reason: str) -> list[dict]:
-    """The queue once it holds a deferred message whose reason names `reason`."""
+    """The queue once Postfix deferred a message for `reason` and still holds it.
+
+    The delivery agent's log line is the evidence, not the queue directory: an agent that
+    still holds the queue file when the queue manager rescans makes it park the message
+    in `incoming` for a minute ("skipped, still being delivered"). It is queued all the
+    same, and `postqueue -f` picks it up from there too."""
     def check():
         queue = chain.postfix.queue()
+        lines = chain.postfix.log().splitlines()
         found = [
-            m for m in queue if m["queue_name"] == "deferred"
-            and any(reason in r.get("delay_reason", "") for r in m["recipients"])
+            m for m in queue
+            if any(f"{m['queue_id']}: to=" in line and "status=deferred (" in line
+                   and reason in line for line in lines)
         ]
         return queue if found else None
 
