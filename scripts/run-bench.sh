@@ -10,7 +10,8 @@
 # amavisd-new is measured beside the filter: when it is not installed this script installs
 # the Debian package (services kept from starting, as scripts/install-apt.sh does) and runs
 # its own amavisd with a private configuration on loopback ports, forwarding to a private
-# smtp-sink. BENCH_NO_AMAVIS=1 skips it; BENCH_ONLY="indexer list_page" runs a subset;
+# smtp-sink. BENCH_NO_AMAVIS=1 skips it; BENCH_ONLY="indexer list_page" runs a subset
+# (the other sections of BENCHMARKS.md are kept, marked with the run they come from);
 # BENCH_FILTER_MESSAGES, BENCH_LIST_ROWS, BENCH_INDEXER_FILES and BENCH_DIRECTORY_OBJECTS
 # change the sizes (the defaults are the ones the goals are set for).
 set -uo pipefail
@@ -176,7 +177,7 @@ if wanted filter_throughput && [ -z "${BENCH_NO_AMAVIS:-}" ]; then
   fi
   echo "amavisd-new: $amavis_note"
 fi
-run_bench filter_throughput --messages "${BENCH_FILTER_MESSAGES:-2000}" "${filter_args[@]}"
+run_bench filter_throughput --messages "${BENCH_FILTER_MESSAGES:-10000}" "${filter_args[@]}"
 if [ -f "$work/amavis/amavis.log" ]; then
   # What amavisd did with the load: it should have passed every message.
   amavis_note="$amavis_note; its log: $(grep -Ec 'Blocked|TEMPFAIL|REJECT' "$work/amavis/amavis.log") lines of blocked or refused mail"
@@ -266,6 +267,24 @@ for record in records:
     out.append("")
     if record["bench"] == "filter_throughput":
         out += [f"amavisd-new: {os.environ.get('BENCH_AMAVIS') or 'not measured'}.", ""]
+# With BENCH_ONLY, the sections of the benchmarks not run now stay as they were, each
+# saying which run it comes from.
+previous = Path(os.environ["BENCH_OUT"])
+if os.environ.get("BENCH_ONLY") and previous.exists():
+    text = previous.read_text()
+    old_run = next((line[len("- run: "):] for line in text.splitlines()
+                    if line.startswith("- run: ")), "an earlier run")
+    ran = {record["bench"] for record in records}
+    for section in text.split("\n## ")[1:]:
+        lines = section.rstrip("\n").splitlines()
+        name = next((line.strip("`")[len("bench/"):-len(".py")] for line in lines
+                     if line.startswith("`bench/")), None)
+        if name is None or name in ran:
+            continue
+        if not any(line.startswith("Measured in the run of ") for line in lines):
+            lines.insert(1, "")
+            lines.insert(2, f"Measured in the run of {old_run}.")
+        out += [f"## {lines[0]}", *lines[1:], ""]
 tmp = Path(os.environ["BENCH_OUT"]).with_name("BENCHMARKS.tmp")
 tmp.write_text("\n".join(out))
 tmp.replace(os.environ["BENCH_OUT"])
