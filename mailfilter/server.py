@@ -1,10 +1,9 @@
-"""The SMTP side of the worker: an aiosmtpd server with limits, and the handler that acts.
+"""The worker's SMTP side: the handler that acts on each transaction, and the server.
 
-`FilterHandler` is a plain aiosmtpd handler (handle_EHLO/MAIL/RCPT/RSET hooks plus
-`finish_data`, called once a message was read). `FilterSMTP`/`FilterLMTP` add what
-aiosmtpd leaves to its users: connection limits, a command budget, command lines with CR or
-NUL refused, a DATA reader with bounded memory and a bare CR/LF policy, a data timeout with
-a minimum rate, a 421 on timeout, and XFORWARD. `FilterServer` owns sockets and lifecycle.
+`FilterHandler` is a plain handler: `handle_MAIL`/`handle_RCPT` hooks that return SMTP
+replies, and `finish_data`, called once a message was read. The protocol that calls them
+(limits, timeouts, the DATA reader, XFORWARD, STARTTLS) is `mailfilter.smtp`.
+`FilterServer` owns sockets and lifecycle.
 
 Never lose mail: the end of DATA is answered only after the next hop answered (pass) or
 the quarantine sink returned (discard, bounce); any failure on the way is a 451.
@@ -13,9 +12,9 @@ the quarantine sink returned (discard, bounce); any failure on the way is a 451.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
+import os
 import re
 import secrets
 import socket
@@ -26,92 +25,33 @@ from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
 from mailfilter.config import ConfigError, FilterConfig
-from mailfilter.data import (
-    BARE_LINE_END,
-    NOMINAL,
-    TOO_BIG,
-    TOO_LONG,
-    TOO_MANY_HEADERS,
-    DataAccumulator,
-    DataLimits,
-)
 from mailfilter.front import RelayRecipients
 from mailfilter.interfaces import DEFAULT_PROFILE, Profile, QuarantineSink, RecipientLookup
 from mailfilter.policy import Envelope as PolicyEnvelope
 from mailfilter.policy import Policy, ProfilePolicy, TemporaryFailure, Verdict
 from mailfilter.relay import XFORWARD_ATTRIBUTES, Relay, Reply, Transaction
+from mailfilter.smtp import REFUSALS as REFUSALS
+from mailfilter.smtp import TEMPFAIL, ConnectionGate, Envelope, Session, SMTPServerProtocol, peer_ip
 from mailfilter.stats import Stats, serve_metrics
 
 log = logging.getLogger(__name__)
 
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9._:\[\]-]")
-_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
-# RFC 3461 xtext: printable ASCII but '+' and '=', or '+' and two upper-case hex digits.
-_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
-# The usual form of a MAIL/RCPT path: <dot-atom@host.name>, then the parameters.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?=[ \t]|$)"
-)
-_DSN_MAIL = ("RET", "ENVID")
-_DSN_RCPT = ("NOTIFY", "ORCPT")
-
-REFUSALS = {
-    TOO_BIG: "552 5.3.4 Message size exceeds fixed maximum message size",
-    TOO_LONG: "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
-    TOO_MANY_HEADERS: "552 5.6.0 Too many header fields",
-    BARE_LINE_END: "550 5.6.0 Message contains bare CR or LF (see RFC 5321 2.3.8)",
-}
-TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
-# DATA is read in chunks of up to this many octets (whatever has arrived).
-_DATA_READ_SIZE = 64 * 1024
 
 
 class FilterEnvelope(Envelope):
-    """aiosmtpd's envelope plus what the worker keeps for one transaction."""
+    """The envelope plus what the worker keeps for one transaction."""
+
+    __slots__ = ("relay", "profile", "prepared")
 
     def __init__(self) -> None:
         super().__init__()
         self.relay: Transaction | None = None
         self.profile: Profile | None = None
-        self.xforward: dict[str, str] | None = None
-        self.eight_bit_declared = False
-        # RFC 3461 parameters of MAIL, and of the RCPT being handled, passed on as sent.
-        self.dsn_mail: list[str] = []
-        self.dsn_rcpt: list[str] = []
         # What the policy started at the first accepted RCPT (its DNS queries), handed to
         # its decide() after DATA and cancelled when the transaction ends without one.
         self.prepared: Any = None
-
-
-class ConnectionGate:
-    """Connections at the same time, in total and per client address."""
-
-    def __init__(self, *, max_clients: int, max_per_ip: int) -> None:
-        self.max_clients = max_clients
-        self.max_per_ip = max_per_ip
-        self.total = 0
-        self.by_ip: collections.Counter[str] = collections.Counter()
-
-    def admit(self, ip: str) -> str | None:
-        """None when admitted, else the reason for refusing."""
-        if self.total >= self.max_clients:
-            return "total"
-        if self.max_per_ip and self.by_ip[ip] >= self.max_per_ip:
-            return "per_ip"
-        self.total += 1
-        self.by_ip[ip] += 1
-        return None
-
-    def release(self, ip: str) -> None:
-        self.total -= 1
-        self.by_ip[ip] -= 1
-        if self.by_ip[ip] <= 0:
-            del self.by_ip[ip]
 
 
 class FilterHandler:
@@ -139,25 +79,36 @@ class FilterHandler:
         self.policy = policy or ProfilePolicy()
         self.lookup = lookup
         self.stats = stats or Stats()
+        # Next-hop transactions being ended (aborts of transactions left open).
+        self.background: set[asyncio.Task] = set()
 
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        if self.config.xforward_allowed(_peer_ip(session)):
-            responses.insert(-1, "250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
-        responses.insert(-1, "250-ENHANCEDSTATUSCODES")
-        responses.insert(-1, "250-DSN")
-        return responses
+    def new_envelope(self) -> FilterEnvelope:
+        return FilterEnvelope()
 
-    async def handle_MAIL(
+    def end_transaction(self, envelope: FilterEnvelope) -> None:
+        """The envelope is done with: what the policy prepared is cancelled, and a
+        next-hop transaction still open is aborted."""
+        prepared = envelope.prepared
+        if prepared is not None:
+            envelope.prepared = None
+            prepared.cancel()
+        relay = envelope.relay
+        if relay is None:
+            return
+        envelope.relay = None
+        task = asyncio.get_running_loop().create_task(relay.abort())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def ehlo_keywords(self, session: Session) -> list[str]:
+        """What EHLO offers besides the protocol's own extensions."""
+        keywords = ["ENHANCEDSTATUSCODES", "DSN"]
+        if self.config.xforward_allowed(peer_ip(session)):
+            keywords.insert(0, "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        return keywords
+
+    def handle_MAIL(
         self,
-        server: SMTP,
         session: Session,
         envelope: FilterEnvelope,
         address: str,
@@ -168,7 +119,7 @@ class FilterHandler:
             if option.startswith("SIZE="):
                 size = int(option[5:])
         eight_bit = "BODY=8BITMIME" in mail_options
-        reply, transaction = await self.relay.begin(
+        reply, transaction = self.relay.begin(
             _reverse_path(address),
             size=size,
             eight_bit=eight_bit,
@@ -186,7 +137,6 @@ class FilterHandler:
 
     async def handle_RCPT(
         self,
-        server: SMTP,
         session: Session,
         envelope: FilterEnvelope,
         address: str,
@@ -241,12 +191,9 @@ class FilterHandler:
             # decide() starts them itself after DATA.
             log.exception("policy could not prepare the transaction's checks")
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return "250 2.0.0 Ok"
-
-    async def handle_exception(self, error: Exception) -> str:
-        # aiosmtpd would answer 500: a failure of ours (a lookup that cannot be reached,
-        # say) must make the client try again, not bounce.
+    def handle_exception(self, error: Exception) -> str:
+        # A failure of ours (a lookup that cannot be reached, say) must make the client
+        # try again, not bounce.
         log.error("session error: %r", error, exc_info=error)
         self.stats.inc("protocol_errors", label="internal_error")
         return TEMPFAIL
@@ -268,14 +215,15 @@ class FilterHandler:
 
     async def finish_data(
         self,
-        server: SMTP,
         session: Session,
         envelope: FilterEnvelope,
         content: bytes,
         *,
         lmtp: bool,
+        verbatim: bool = False,
     ) -> str:
-        """The reply to the end of DATA, given only once the message is safe."""
+        """The reply to the end of DATA, given only once the message is safe.
+        `verbatim`: no line of `content` starts with a dot (see mailfilter.smtp)."""
         transaction = envelope.relay
         envelope.relay = None
         prepared, envelope.prepared = envelope.prepared, None
@@ -283,7 +231,9 @@ class FilterHandler:
         self.stats.inc("messages_received")
         reply: Reply | list[Reply]
         try:
-            reply = await self._act(session, envelope, transaction, content, prepared)
+            reply = await self._act(
+                session, envelope, transaction, content, prepared, verbatim=verbatim
+            )
         except Exception:
             log.exception("unexpected failure after DATA; answering 451")
             self.stats.inc("messages_tempfailed", label="error")
@@ -305,6 +255,8 @@ class FilterHandler:
         transaction: Transaction | None,
         content: bytes,
         prepared: Any = None,
+        *,
+        verbatim: bool = False,
     ) -> Reply | list[Reply]:
         if transaction is None:
             if prepared is not None:
@@ -333,10 +285,15 @@ class FilterHandler:
         size = len(content)
         if verdict.destiny == "pass":
             relayed = content if verdict.message is None else verdict.message
+            # Our header fields start no line with a dot; a message the checks rewrote
+            # goes through the relay's full line-end and dot pass.
+            verbatim = verbatim and verdict.message is None
             message = self._top_headers(session, envelope, verdict) + relayed
             if self.config.next_hop_lmtp:
-                return self._count_lmtp(await transaction.data_per_recipient(message), size)
-            reply = await transaction.data(message)
+                return self._count_lmtp(
+                    await transaction.data_per_recipient(message, verbatim=verbatim), size
+                )
+            reply = await transaction.data(message, verbatim=verbatim)
             if reply.ok:
                 self.stats.inc("messages_passed")
                 self.stats.inc("bytes_accepted", size)
@@ -414,7 +371,7 @@ class FilterHandler:
         """The client is one of FILTER_RELAY_IPS: our own, sending out. In front mode the
         peer itself; behind Postfix the client Postfix named in XFORWARD."""
         if self.config.mode == "front":
-            return self.config.relay_allowed(_peer_ip(session))
+            return self.config.relay_allowed(peer_ip(session))
         forwarded = (envelope.xforward or {}).get("ADDR", "")
         return bool(forwarded) and self.config.relay_allowed(forwarded)
 
@@ -434,20 +391,20 @@ class FilterHandler:
             helo = _HELO_UNSAFE.sub("?", forwarded.get("HELO") or "unknown")[:255]
             name = _HELO_UNSAFE.sub("?", forwarded.get("NAME") or "unknown")[:255]
             client = f"{name} [{_HELO_UNSAFE.sub('?', forwarded.get('ADDR') or '')}]"
-        if isinstance(session, _LMTPSession):
+        if session.lmtp:
             proto = "LMTP"
         else:
             proto = "ESMTP" if session.extended_smtp else "SMTP"
         if envelope.smtp_utf8:
             proto = "UTF8" + ("SMTP" if proto != "LMTP" else "LMTP")
-        local_id = secrets.token_hex(6)
+        local_id = _local_id()
         received = (
             f"Received: from {helo} ({client})\r\n"
             f"\tby {self.config.hostname} (spamviewer) with {proto} id {local_id}"
         )
         if len(envelope.rcpt_tos) == 1 and len(envelope.rcpt_tos[0]) < 200:
             received += f"\r\n\tfor <{envelope.rcpt_tos[0]}>"
-        received += f";\r\n\t{formatdate(localtime=False)}\r\n"
+        received += f";\r\n\t{_date_now()}\r\n"
         block = received.encode("utf-8", "replace")
         for name, value in verdict.headers:
             clean = " ".join(value.replace("\0", " ").split())
@@ -455,363 +412,36 @@ class FilterHandler:
         return block
 
 
-class _LMTPSession(Session):
-    pass
+# Random queue ids for the Received field, drawn in batches (one getrandom() call for
+# many messages); a forked worker draws its own.
+_ID_BATCH = 256
+_ids: list[str] = []
+os.register_at_fork(after_in_child=_ids.clear)
+
+
+def _local_id() -> str:
+    if not _ids:
+        pool = secrets.token_bytes(6 * _ID_BATCH)
+        _ids.extend(pool[i : i + 6].hex() for i in range(0, len(pool), 6))
+    return _ids.pop()
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """The RFC 5322 date of now, made once a second."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, localtime=False))
+    return _date_cache[1]
 
 
 def _reverse_path(address: str) -> str:
-    """aiosmtpd gives the null reverse-path (bounces) as "<>"; the empty string here."""
+    """The null reverse-path (bounces) comes as "<>" from the path parser (as aiosmtpd's did);
+    the empty string here."""
     return "" if address == "<>" else address
-
-
-def _peer_ip(session: Session) -> str:
-    peer = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return ""
-
-
-def _dsn_value_ok(name: str, value: str) -> bool:
-    if name == "RET":
-        return value.upper() in ("FULL", "HDRS")
-    if name == "NOTIFY":
-        words = value.upper().split(",")
-        if words == ["NEVER"]:
-            return True
-        return len(set(words)) == len(words) and set(words) <= {"SUCCESS", "FAILURE", "DELAY"}
-    if name == "ENVID":
-        return len(value) <= 100 and bool(_XTEXT.fullmatch(value))
-    # ORCPT=addr-type;xtext
-    kind, sep, address = value.partition(";")
-    return (
-        bool(sep)
-        and kind.isascii()
-        and kind.replace("-", "").isalnum()
-        and len(value) <= 500
-        and bool(_XTEXT.fullmatch(address))
-    )
-
-
-def _xtext_decode(value: str) -> str:
-    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
-
-
-class _FilterProtocol:
-    """Mixed into aiosmtpd's SMTP or LMTP class; see the module docstring."""
-
-    event_handler: FilterHandler
-    # aiosmtpd's class-level dict grows by 36 octets at every EHLO and is shared by all
-    # instances; each session gets its own here.
-    command_size_limits: dict[str, int]
-
-    def __init__(
-        self,
-        handler: FilterHandler,
-        *,
-        config: FilterConfig,
-        gate: ConnectionGate,
-        stats: Stats,
-        registry: set,
-        **kwargs: Any,
-    ) -> None:
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(  # type: ignore[call-arg]
-            handler,
-            data_size_limit=config.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=config.hostname,
-            ident=config.banner,
-            timeout=config.command_timeout,
-            **kwargs,
-        )
-        self.config = config
-        self._gate = gate
-        self._stats = stats
-        self._registry = registry
-        self._gate_ip: str | None = None
-        self._refused = False
-        self._commands = 0
-        self._background: set[asyncio.Task] = set()
-
-    # Connections ----------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._gate_ip is None and not self._refused:
-            peer = transport.get_extra_info("peername")
-            ip = str(peer[0]) if peer else ""
-            reason = self._gate.admit(ip)
-            if reason is not None:
-                self._refused = True
-                self._stats.inc("connections_refused", label=reason)
-                # (uvloop's transports are not asyncio.WriteTransport subclasses.)
-                transport.write(  # type: ignore[attr-defined]
-                    f"421 4.7.0 {self.config.hostname} Error: too many connections"
-                    f"{' from your address' if reason == 'per_ip' else ''}\r\n".encode()
-                )
-                transport.close()
-                return
-            self._gate_ip = ip
-            self._stats.inc("connections")
-            self._registry.add(self)
-        super().connection_made(transport)  # type: ignore[misc]
-
-    def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)  # type: ignore[misc]
-
-    def eof_received(self) -> bool | None:
-        if self._refused:
-            return False
-        return super().eof_received()  # type: ignore[misc]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._refused:
-            return
-        if self._gate_ip is not None:
-            self._gate.release(self._gate_ip)
-            self._gate_ip = None
-            self._registry.discard(self)
-        self._drop_transaction(self.envelope)
-        super().connection_lost(exc)  # type: ignore[misc]
-
-    def _timeout_cb(self) -> None:
-        self._stats.inc("protocol_errors", label="timeout")
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(
-                f"421 4.4.2 {self.config.hostname} Error: timeout exceeded\r\n".encode()
-            )
-        super()._timeout_cb()  # type: ignore[misc]
-
-    # Transactions ---------------------------------------------------------------------
-    def _create_envelope(self) -> Envelope:
-        return FilterEnvelope()
-
-    def _set_post_data_state(self) -> None:
-        # RSET, HELO/EHLO and the end of DATA all start a new envelope: a next-hop
-        # transaction still open on the old one is ended first.
-        self._drop_transaction(getattr(self, "envelope", None))
-        super()._set_post_data_state()  # type: ignore[misc]
-
-    def _drop_transaction(self, envelope: Envelope | None) -> None:
-        prepared = getattr(envelope, "prepared", None)
-        if prepared is not None:
-            envelope.prepared = None  # type: ignore[union-attr]
-            prepared.cancel()
-        relay = getattr(envelope, "relay", None)
-        if relay is None:
-            return
-        envelope.relay = None  # type: ignore[union-attr]
-        task = asyncio.get_event_loop().create_task(relay.abort())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # Commands -------------------------------------------------------------------------
-    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: Any) -> None:
-        super()._cb_client_connected(reader, writer)  # type: ignore[misc]
-        read_line = reader.readuntil
-
-        async def read_command(separator: bytes = b"\n") -> bytes:
-            if separator != b"\n":
-                return await read_line(separator)
-            while True:
-                line = await read_line(separator)
-                self._commands += 1
-                if self._commands > self.config.max_commands:
-                    self._stats.inc("protocol_errors", label="too_many_commands")
-                    await self.push("421 4.7.0 Error: too many commands, closing connection")
-                    self.transport.close()
-                    raise asyncio.CancelledError
-                body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
-                if b"\r" in body or b"\0" in body:
-                    # One line is one command: a CR inside must not act as a line end
-                    # anywhere downstream.
-                    self._stats.inc("protocol_errors", label="cr_in_command")
-                    await self.push("501 5.5.2 Syntax error: CR or NUL in command line")
-                    continue
-                if self.config.bare_lf == "reject" and not line.endswith(b"\r\n"):
-                    self._stats.inc("protocol_errors", label="bare_lf")
-                    await self.push("501 5.5.2 Syntax error: command not ended by CRLF")
-                    continue
-                return line
-
-        reader.readuntil = read_command  # type: ignore[method-assign]
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's parse of a path (the email package's RFC 5322 parser, tens of
-        microseconds a call), with a shortcut for the usual `<dot-atom@host.name>` that
-        gives the same address and parameters."""
-        if arg and not self.local_part_limit:  # type: ignore[attr-defined]
-            match = _SIMPLE_PATH.match(arg)
-            if match is not None:
-                rest = arg[match.end() :].lstrip(" \t")
-                if not rest.startswith("("):
-                    return match.group(1), rest
-        return super()._getaddr(arg)  # type: ignore[misc]
-
-    async def smtp_MAIL(self, arg: str) -> None:
-        """MAIL with RFC 3461 RET/ENVID taken out (aiosmtpd refuses any parameter it does
-        not know), checked, and kept for the next hop."""
-        rest, dsn = await self._take_dsn(arg, _DSN_MAIL)
-        if rest is None:
-            return
-        if self.envelope is not None:
-            self.envelope.dsn_mail = dsn  # type: ignore[attr-defined]
-        await super().smtp_MAIL(rest)  # type: ignore[misc]
-
-    async def smtp_RCPT(self, arg: str) -> None:
-        rest, dsn = await self._take_dsn(arg, _DSN_RCPT)
-        if rest is None:
-            return
-        if self.envelope is not None:
-            self.envelope.dsn_rcpt = dsn  # type: ignore[attr-defined]
-        await super().smtp_RCPT(rest)  # type: ignore[misc]
-
-    async def _take_dsn(self, arg: str, names: tuple[str, ...]) -> tuple[str | None, list[str]]:
-        if not arg or self.session is None or not self.session.extended_smtp:
-            return arg, []
-        end = arg.rfind(">")
-        if end >= 0:
-            head, tail = arg[: end + 1], arg[end + 1 :]
-        else:
-            head, _, tail = arg.partition(" ")
-        kept: list[str] = []
-        dsn: list[str] = []
-        seen: set[str] = set()
-        for token in tail.split():
-            name, _, value = token.partition("=")
-            name = name.upper()
-            if name not in names:
-                kept.append(token)
-                continue
-            if name in seen or not _dsn_value_ok(name, value):
-                await self.push(f"501 5.5.4 Syntax error in {name} parameter")  # type: ignore[attr-defined]
-                return None, []
-            seen.add(name)
-            dsn.append(f"{name}={value.upper() if name in ('RET', 'NOTIFY') else value}")
-        return " ".join([head, *kept]), dsn
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self.command_size_limits.clear()
-        await super().smtp_EHLO(hostname)  # type: ignore[misc]
-
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        self._stats.inc("tls_attempts")
-        await super().smtp_STARTTLS(arg)  # type: ignore[misc]
-
-    async def smtp_XFORWARD(self, arg: str) -> None:
-        """Postfix's XFORWARD (for logging and the next hop only), from trusted peers."""
-        assert self.session is not None and self.envelope is not None
-        if not self.config.xforward_allowed(_peer_ip(self.session)):
-            await self.push("550 5.7.0 Error: insufficient authorization")
-            return
-        if self.envelope.mail_from:
-            await self.push("503 5.5.1 Error: MAIL transaction in progress")
-            return
-        pairs = (arg or "").split()
-        parsed = {}
-        for pair in pairs:
-            name, sep, value = pair.partition("=")
-            name = name.upper()
-            decoded = _xtext_decode(value)
-            if (
-                not sep
-                or name not in XFORWARD_ATTRIBUTES
-                or len(decoded) > 255
-                or not all(33 <= ord(ch) <= 126 for ch in decoded)
-            ):
-                await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
-                return
-            parsed[name] = decoded
-        if not parsed:
-            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
-            return
-        envelope: FilterEnvelope = self.envelope  # type: ignore[assignment]
-        if envelope.xforward is None:
-            envelope.xforward = dict.fromkeys(XFORWARD_ATTRIBUTES, "")
-        for name, value in parsed.items():
-            envelope.xforward[name] = "" if value.upper() == "[UNAVAILABLE]" else value
-        await self.push("250 2.0.0 Ok")
-
-    # DATA -----------------------------------------------------------------------------
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():  # type: ignore[attr-defined]
-            return
-        assert self.envelope is not None and self.session is not None
-        envelope: FilterEnvelope = self.envelope  # type: ignore[assignment]
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        if self._reader._buffer:  # type: ignore[attr-defined]
-            # Message text sent before our 354 (or before the replies to MAIL/RCPT): if
-            # DATA failed those lines would be read as commands. Postfix calls this
-            # "SMTP protocol synchronization"; the session ends here.
-            self._stats.inc("protocol_errors", label="pipelining")
-            await self.push("554 5.5.0 Error: SMTP protocol synchronization")
-            self.transport.close()
-            return
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        accumulator = DataAccumulator(
-            DataLimits(
-                max_size=self.config.max_message_size,
-                max_line_length=self.config.max_line_length,
-                max_header_count=self.config.max_header_count,
-                normalise_bare=self.config.bare_lf == "normalise",
-            )
-        )
-        started = time.monotonic()
-        reader = self._reader
-        while True:
-            self._reset_timeout(self.config.data_timeout)  # type: ignore[attr-defined]
-            chunk = await reader.read(_DATA_READ_SIZE)
-            if not chunk:
-                self.transport.close()
-                return
-            end = accumulator.feed(chunk)
-            if end >= 0:
-                if end < len(chunk):
-                    # Sent after the end of data without waiting for its reply: commands,
-                    # read as such once the reply is out (as a line reader leaves them).
-                    reader._buffer[:0] = chunk[end:]  # type: ignore[attr-defined]
-                break
-            if self.config.min_data_rate:
-                allowed = self.config.data_timeout + accumulator.size / self.config.min_data_rate
-                if time.monotonic() - started > allowed:
-                    self._stats.inc("protocol_errors", label="slow_data")
-                    await self.push("421 4.4.2 Error: data too slow, closing connection")
-                    self.transport.close()
-                    return
-        self._reset_timeout()  # type: ignore[attr-defined]
-        self._stats.inc("bytes_received", accumulator.size)
-        if accumulator.bare_seen:
-            self._stats.inc("protocol_errors", label="bare_cr_lf")
-        if accumulator.eight_bit and not envelope.eight_bit_declared:
-            self._stats.inc("protocol_errors", label="8bit_undeclared")
-        if accumulator.state != NOMINAL:
-            self._stats.inc("messages_rejected", label=accumulator.state)
-            self._stats.inc("bytes_rejected", accumulator.size)
-            self._set_post_data_state()
-            await self.push(REFUSALS[accumulator.state])
-            return
-        content = accumulator.content()
-        del accumulator
-        status = await self.event_handler.finish_data(
-            self, self.session, envelope, content, lmtp=isinstance(self, LMTP)
-        )
-        self._commands = 0
-        self._set_post_data_state()
-        await self.push(status)
-
-
-class FilterSMTP(_FilterProtocol, SMTP):
-    pass
-
-
-class FilterLMTP(_FilterProtocol, LMTP):
-    def _create_session(self) -> Session:
-        return _LMTPSession(self.loop)
 
 
 class FilterServer:
@@ -845,12 +475,11 @@ class FilterServer:
         self.gate = ConnectionGate(max_clients=config.max_clients, max_per_ip=config.max_per_ip)
         self._server: asyncio.Server | None = None
         self._metrics: asyncio.Server | None = None
-        self._sessions: set = set()
+        self._sessions: set[SMTPServerProtocol] = set()
         self.relay: Relay | None = None
         self.handler: FilterHandler | None = None
 
     async def start(self) -> None:
-        quiet_protocol_log()
         loop = asyncio.get_running_loop()
         self.relay = Relay(
             self.config.next_hop_host,
@@ -872,12 +501,10 @@ class FilterServer:
             lookup=self.lookup,
             stats=self.stats,
         )
-        protocol = FilterLMTP if self.config.lmtp else FilterSMTP
-
         tls = tls_context(self.config)
 
         def factory() -> asyncio.Protocol:
-            return protocol(
+            return SMTPServerProtocol(
                 self.handler,
                 config=self.config,
                 gate=self.gate,
@@ -885,6 +512,7 @@ class FilterServer:
                 registry=self._sessions,
                 loop=loop,
                 tls_context=tls,
+                lmtp=self.config.lmtp,
             )
 
         if self.sock is not None:
@@ -924,11 +552,9 @@ class FilterServer:
         # Sessions end (connection_lost runs, handlers are cancelled) and the next-hop
         # transactions they still held are ended before the pool closes.
         await asyncio.sleep(0)
-        tasks = []
-        for session in sessions:
-            tasks.extend(session._background)
-            if session._handler_coroutine is not None:
-                tasks.append(session._handler_coroutine)
+        tasks = [session.task for session in sessions if session.task is not None]
+        if self.handler is not None:
+            tasks.extend(self.handler.background)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         if self.relay is not None:
@@ -961,17 +587,6 @@ def run_worker(main: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
-
-
-def quiet_protocol_log() -> None:
-    """aiosmtpd logs every connection and command at INFO on `mail.log`, several lines a
-    message: kept for LOG_LEVEL=DEBUG (root logger at DEBUG), else warnings only. A level
-    set on `mail.log` explicitly is left alone."""
-    protocol_log = logging.getLogger("mail.log")
-    if protocol_log.level == logging.NOTSET and not logging.getLogger().isEnabledFor(
-        logging.DEBUG
-    ):
-        protocol_log.setLevel(logging.WARNING)
 
 
 def tls_context(config: FilterConfig) -> ssl.SSLContext | None:

@@ -35,12 +35,21 @@ class RecordingHandler:
         self.refuse_recipients: dict[str, str] = {}
         self.data_reply = "250 2.0.0 Ok: queued as NEXTHOP1"
         self.offer_xforward = True
+        # A reply to every MAIL instead of accepting it (None: accept).
+        self.mail_reply: str | None = None
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         if self.offer_xforward:
             responses.insert(-1, "250-XFORWARD NAME ADDR PORT PROTO HELO")
         return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.mail_reply is not None:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address in self.refuse_recipients:

@@ -143,6 +143,30 @@ def test_a_dot_after_a_bare_lf_is_not_a_line_start_and_stays():
         assert accumulator.content() == b"a\r\n.b\r\n"
 
 
+@pytest.mark.parametrize(
+    ("sent", "verbatim"),
+    [
+        (b"Subject: a\r\n\r\nbody\r\n", True),
+        (b"a\r\nb.\r\n", True),
+        (b"a\r\n..\r\n", False),
+        (b"..x\r\n", False),
+        (b"a\n.b\r\n", False),
+        (b"a\rb\r\n", False),
+        (b"x" * 900 + b"\r\n", True),
+    ],
+)
+def test_content_is_verbatim_only_when_no_line_of_it_starts_with_a_dot(sent, verbatim):
+    """What the relay may send after DATA as it is (relay.wire_text)."""
+    from mailfilter.relay import wire_text
+
+    for chunks in splits(sent + b".\r\n"):
+        accumulator, _ = read(chunks)
+        content = accumulator.content()
+        assert accumulator.verbatim == verbatim, chunks
+        if verbatim:
+            assert wire_text(content, verbatim=True) == wire_text(content)
+
+
 def test_line_at_the_limit_with_a_stuffed_dot_passes():
     limits = DataLimits(max_size=1 << 20, max_line_length=998, max_header_count=10,
                         normalise_bare=True)

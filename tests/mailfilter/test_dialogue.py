@@ -10,6 +10,7 @@ import aiosmtplib
 import pytest
 
 from mailfilter.interfaces import Profile, StaticRecipientLookup
+from mailfilter.policy import Verdict
 
 from .conftest import BrokenSink, QuarantineEverything, free_port
 
@@ -49,6 +50,22 @@ def test_passed_message_arrives_byte_for_byte_plus_one_received_field(start_filt
     assert worker.stat("messages_passed") == 1
 
 
+def test_a_message_the_checks_rewrote_is_dot_stuffed_again(start_filter, next_hop):
+    """Received without a dot line, relayed as the checks rewrote it: the DATA reader's
+    "nothing to stuff" no longer holds for what goes out."""
+    rewritten = b"Subject: rewritten\r\n\r\n.a line that starts with a dot\r\n"
+
+    class Rewrite:
+        async def decide(self, message, envelope, profile):
+            return Verdict(category=None, destiny="pass", message=rewritten)
+
+    worker = start_filter(policy=Rewrite())
+    with smtplib.SMTP("127.0.0.1", worker.port) as client:
+        client.sendmail("sender@remote.example", ["alice@example.test"], b"Subject: a\r\n\r\nb\r\n")
+    [delivery] = next_hop.deliveries
+    assert top_headers_removed(delivery.content) == rewritten
+
+
 def test_end_of_data_reply_is_the_next_hops_own(start_filter, next_hop):
     worker = start_filter()
     with smtplib.SMTP("127.0.0.1", worker.port) as client:
@@ -81,13 +98,34 @@ def test_smtputf8_and_8bitmime_pass_through_unchanged(start_filter, next_hop):
     assert b"with UTF8SMTP id" in delivery.content
 
 
-def test_next_hop_down_gets_451_at_mail_and_nothing_is_accepted(start_filter):
+def test_next_hop_down_gets_451_at_rcpt_and_nothing_is_accepted(start_filter):
     worker = start_filter(next_hop_port=free_port())
     with smtplib.SMTP("127.0.0.1", worker.port) as client:
         client.ehlo("client.test")
-        code, text = client.mail("sender@remote.example")
-        assert code == 451 and b"Next hop unavailable" in text
-        assert client.rcpt("alice@example.test")[0] == 503
+        # MAIL goes to the next hop with the first RCPT.
+        assert client.mail("sender@remote.example")[0] == 250
+        for recipient in ("alice@example.test", "bob@example.test"):
+            code, text = client.rcpt(recipient)
+            assert code == 451 and b"Next hop unavailable" in text
+        assert client.docmd("DATA")[0] == 503
+
+
+def test_sender_the_next_hop_refuses_is_refused_at_each_rcpt(start_filter, next_hop):
+    next_hop.mail_reply = "553 5.7.1 <sender@remote.example>: Sender address rejected"
+    worker = start_filter()
+    with smtplib.SMTP("127.0.0.1", worker.port) as client:
+        client.ehlo("client.test")
+        assert client.mail("sender@remote.example")[0] == 250
+        for recipient in ("alice@example.test", "bob@example.test"):
+            assert client.rcpt(recipient) == (
+                553, b"5.7.1 <sender@remote.example>: Sender address rejected"
+            )
+        assert client.docmd("DATA")[0] == 503
+        client.rset()
+        # The same connection goes on with the next transaction.
+        next_hop.mail_reply = None
+        client.sendmail("other@remote.example", ["alice@example.test"], MESSAGE)
+    assert [d.sender for d in next_hop.deliveries] == ["other@remote.example"]
 
 
 def test_next_hop_4xx_at_end_of_data_becomes_451_and_nothing_is_delivered(

@@ -126,4 +126,5 @@ def test_lmtp_next_hop_down_is_451(start_filter, raw):
     client = raw(worker.port)
     client.reply()
     client.command(b"LHLO postfix.test")
-    assert client.command(b"MAIL FROM:<a@remote.example>")[:3] == b"451"
+    assert client.command(b"MAIL FROM:<a@remote.example>")[:3] == b"250"
+    assert client.command(b"RCPT TO:<one@example.test>")[:3] == b"451"

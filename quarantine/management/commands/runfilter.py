@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -100,6 +101,11 @@ class Command(BaseCommand):
             raise CommandError(
                 f"FILTER_LISTEN={config.listen_host}:{config.listen_port}: {exc.strerror}"
             ) from exc
+        # Django, the profiles and the signatures are loaded for good: the garbage
+        # collector need not walk them again after each few hundred messages, and forked
+        # workers share their pages.
+        gc.collect()
+        gc.freeze()
         pid_file = pid_file_path()
         try:
             pid_file.parent.mkdir(parents=True, exist_ok=True)
