@@ -7,7 +7,9 @@ Needs Postfix's smtp-source and smtp-sink (Debian package postfix). Starts smtp-
 next hop) and `manage.py runfilter` with the default policy (the local checks of the
 default profile) on loopback, then, for 4 KB and 100 KB messages and 10 and 20 parallel
 sessions, sends MESSAGES messages (100 KB: a fifth as many) with smtp-source straight to
-smtp-sink and then through the worker, and prints both rates and their ratio. Each worker
+smtp-sink and then through the worker, and prints both rates and their ratio. With one
+and two processes it also sends two messages shaped like most business mail (a 12 KB
+multipart/alternative, and the same with a 50 KB PDF attached), 20 sessions. Each worker
 count given to --processes (FILTER_PROCESSES, processes sharing the port with
 SO_REUSEPORT) gets its own run. Beside each rate it prints the worker's CPU time per
 message (all its processes): smtp-source and smtp-sink share the machine with it, and on
@@ -58,15 +60,58 @@ def _wait_for_port(port: int) -> None:
     raise SystemExit(f"nothing listens on {port}")
 
 
-def _source(port: int, *, messages: int, sessions: int, size: int) -> float:
-    """Messages a second smtp-source managed (each session reuses its connection)."""
+def _source(port: int, *, messages: int, sessions: int, size: int = 0,
+            file: Path | None = None) -> float:
+    """Messages a second smtp-source managed (each session reuses its connection): `size`
+    bytes of filler text, or the message in `file`."""
+    content = ["-F", str(file)] if file is not None else ["-l", str(size)]
     started = time.perf_counter()
     subprocess.run(
-        ["smtp-source", "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+        ["smtp-source", "-d", "-s", str(sessions), "-m", str(messages), *content,
          "-f", "bench@remote.example", "-t", "user@example.test", f"127.0.0.1:{port}"],
         check=True, stdout=subprocess.DEVNULL,
     )
     return messages / (time.perf_counter() - started)
+
+
+def _typical_mail(directory: Path) -> list[tuple[str, Path]]:
+    """Two messages shaped like most business mail, written once: a 12 KB
+    multipart/alternative (text and HTML, quoted-printable) and the same with a 50 KB PDF
+    attached (80 KB, multipart/mixed). smtp-source sends each line with CRLF."""
+    import random
+    from email.message import EmailMessage
+
+    words = ("the quarterly report numbers meeting invoice attached please find next "
+             "steps budget review team update schedule").split()
+    chance = random.Random(4)
+
+    def paragraph() -> str:
+        return " ".join(chance.choice(words) for _ in range(80))
+
+    def alternative() -> EmailMessage:
+        message = EmailMessage()
+        message["From"] = "Alice Example <alice@remote.example>"
+        message["To"] = "user@example.test"
+        message["Subject"] = "Quarterly report and next steps"
+        message["Date"] = "Fri, 20 Nov 2026 10:00:00 +0000"
+        message["Message-ID"] = "<bench.1@remote.example>"
+        message.set_content("\n\n".join(paragraph() for _ in range(8)),
+                            cte="quoted-printable")
+        html = "".join(f"<p style='font-family:Arial'>{paragraph()}</p>" for _ in range(12))
+        message.add_alternative(f"<html><body>{html}</body></html>", subtype="html",
+                                cte="quoted-printable")
+        return message
+
+    mixed = alternative()
+    mixed.add_attachment(chance.randbytes(50_000), maintype="application", subtype="pdf",
+                         filename="report.pdf")
+    files = []
+    for label, message in (("12 KB multipart/alternative", alternative()),
+                           ("80 KB multipart/mixed, PDF", mixed)):
+        path = directory / (label.split()[0] + ".eml")
+        path.write_bytes(message.as_bytes().replace(b"\r\n", b"\n"))
+        files.append((label, path))
+    return files
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -155,16 +200,31 @@ def _peak_rss(pid: int, work) -> int:
     return peak
 
 
+def _loads(args, sizes: tuple[int, ...], files: list[tuple[str, Path]]) -> list[dict]:
+    """What each run sends: filler text of each size (the same volume of data for both,
+    at least 500 messages), then each typical message."""
+    loads = []
+    for size in sizes:
+        count = args.messages if size == 4 * 1024 else max(500, args.messages // 5)
+        loads.append({"label": f"{size // 1024} KB", "messages": count, "size": size,
+                      "goal": size == 4 * 1024, "sessions": (10, 20)})
+    for label, path in files:
+        count = max(500, args.messages // (2 if path.stat().st_size < 32768 else 5))
+        loads.append({"label": label, "messages": count, "file": path, "goal": False,
+                      "sessions": (20,)})
+    return loads
+
+
 def _measure(args, sink_port: int, worker: subprocess.Popen, port: int, label: str, *,
-             sizes: tuple[int, ...] = (4 * 1024, 100 * 1024), goal: bool) -> list[dict]:
-    """Each size and session count through `worker`, beside the ceiling measured just
+             loads: list[dict], goal: bool) -> list[dict]:
+    """Each load and session count through `worker`, beside the ceiling measured just
     before it, best of --repeat."""
     results = []
-    for size in sizes:
-        # The same volume of data for both sizes, at least 500 messages.
-        count = args.messages if size == 4 * 1024 else max(500, args.messages // 5)
-        for sessions in (10, 20):
-            load = {"messages": count, "sessions": sessions, "size": size}
+    for spec in loads:
+        content = {"file": spec["file"]} if "file" in spec else {"size": spec["size"]}
+        count = spec["messages"]
+        for sessions in spec["sessions"]:
+            load = {"messages": count, "sessions": sessions, **content}
             ceiling = through = 0.0
             cpu = float("inf")
             for _ in range(max(1, args.repeat)):
@@ -173,15 +233,15 @@ def _measure(args, sink_port: int, worker: subprocess.Popen, port: int, label: s
                 through = max(through, _source(port, **load))
                 cpu = min(cpu, (_cpu_seconds(worker.pid) - before) / count)
             ratio = through / ceiling
-            print(f"{size // 1024:>4}KB {sessions:>8} {label:>22} {ceiling:>10.0f} "
+            print(f"{spec['label']:>27} {sessions:>8} {label:>22} {ceiling:>10.0f} "
                   f"{through:>9.0f} {ratio:>6.2f} {cpu * 1e6:>12.0f} us")
             result = {
-                "name": f"{size // 1024} KB, {sessions} sessions, {label}",
+                "name": f"{spec['label']}, {sessions} sessions, {label}",
                 "value": round(through, 1), "unit": "msg/s",
                 "baseline_name": "smtp-sink ceiling", "baseline": round(ceiling, 1),
                 "worker_cpu_us_per_message": round(cpu * 1e6),
             }
-            if goal and size == 4 * 1024:
+            if goal and spec["goal"]:
                 result.update(goal=f">= {GOAL_RATIO:.2f} of the ceiling",
                               met=ratio >= GOAL_RATIO)
             results.append(result)
@@ -223,20 +283,24 @@ def main() -> None:
     )
     try:
         _wait_for_port(sink_port)
-        print(f"{'size':>6} {'sessions':>8} {'worker':>22} {'ceiling/s':>10} "
+        files = _typical_mail(Path(tempfile.mkdtemp(prefix="sv-bench-mail-")))
+        print(f"{'message':>27} {'sessions':>8} {'worker':>22} {'ceiling/s':>10} "
               f"{'worker/s':>9} {'ratio':>6} {'worker CPU/msg':>15}")
         for processes in args.processes:
             worker, port = _start_worker(sink_port, processes)
             try:
                 label = f"{processes} process{'es' if processes > 1 else ''}"
-                results += _measure(args, sink_port, worker, port, label, goal=True)
+                # Typical mail through one and two processes; more add nothing here.
+                loads = _loads(args, (4 * 1024, 100 * 1024), files if processes <= 2 else [])
+                results += _measure(args, sink_port, worker, port, label, loads=loads,
+                                    goal=True)
             finally:
                 _stop(worker)
         # What any Python relay could reach here: bench/minimal_relay.py, no checks.
         minimal, port = _start_minimal(sink_port)
         try:
             results += _measure(args, sink_port, minimal, port, "minimal Python relay",
-                                sizes=(4 * 1024,), goal=False)
+                                loads=_loads(args, (4 * 1024,), []), goal=False)
         finally:
             _stop(minimal)
         worker, port = _start_worker(sink_port, 1)

@@ -14,7 +14,7 @@ the parser is not run at all; the message keeps its top header fields and its ra
 one opaque part, and a defect (`too-deep`, `too-many-parts`, ...) says why. Those defects
 are in `UNSCANNABLE`. Most mail is a single part under a clean header section, and for
 that the scan has found all the parser would: the tree is built from it and the parser is
-not run (`_single_part_tree`).
+not run (`_plain_tree`).
 
 Everything else is ours, written to be linear: parameter splitting (so duplicate and
 RFC 2231 continued parameters are seen as written, which Python's parser hides),
@@ -261,7 +261,7 @@ def parse_message(raw: bytes, *, limits: MimeLimits = DEFAULT_LIMITS) -> ParsedM
         message.parts.append(_opaque_part(raw[structure.top_end :], headers))
         return message
     try:
-        tree = _single_part_tree(raw, structure) or BytesParser(policy=compat32).parsebytes(raw)
+        tree = _plain_tree(raw, structure) or BytesParser(policy=compat32).parsebytes(raw)
         _Walker(message, deadline).walk(tree)
     except RecursionError:
         message.defects.append(Defect("too-deep", "the parser ran out of stack"))
@@ -278,29 +278,215 @@ def parse_message(raw: bytes, *, limits: MimeLimits = DEFAULT_LIMITS) -> ParsedM
     return message
 
 
-def _single_part_tree(raw: bytes, structure: _Structure) -> Message | None:
-    """The tree Python's parser would build, for a message that is one part with a clean
-    header section; None when the parser has to be asked.
+def _plain_tree(raw: bytes, structure: _Structure) -> Message | None:
+    """The tree Python's parser would build, for a message whose structure is plain; None
+    when the parser has to be asked.
 
-    Most mail is a single text part, and the parser's line-by-line pass is most of the cost
-    of parsing it. When every top header line is a field or the continuation of one
-    (ending at an empty line or at the end: no structure defect, no stray line), the
-    parser splits the section exactly as the structure scan did and records no defect; and
-    a type that is neither multipart/* nor message/* makes it take everything after the
-    header section as the payload. The header values are stored as compat32's
+    The parser's line-by-line pass is most of the cost of parsing mail. When every top
+    header line is a field or the continuation of one (ending at an empty line or at the
+    end: no structure defect, no stray line), the parser splits the section exactly as the
+    structure scan did and records no defect. A type that is neither multipart/* nor
+    message/* then makes it take everything after the header section as the payload; a
+    multipart is split by `_Splitter`, which gives up wherever the parser would record a
+    defect or take a path of its own. Header values are stored as compat32's
     `header_source_parse` makes them, so the walker sees the same Message either way.
     """
     if structure.defects or structure.top_strays:
         return None
     tree = Message(policy=compat32)
     for name, value in structure.top_headers:
-        text = value.decode("ascii", "surrogateescape")
-        tree.set_raw(name, text.lstrip(" \t").rstrip("\r\n"))
+        _set_field(tree, name, value)
     # The parser decides on the type this tree reports, whatever the scan made of it.
-    if tree.get_content_maintype() in ("multipart", "message"):
+    main = tree.get_content_maintype()
+    if main == "message":
         return None
-    tree.set_payload(raw[structure.top_end :].decode("ascii", "surrogateescape"))
+    if main != "multipart":
+        tree.set_payload(raw[structure.top_end :].decode("ascii", "surrogateescape"))
+        return tree
+    try:
+        # Nothing encloses the message: its epilogue runs to the end, no boundary ends it.
+        _Splitter(raw, structure.limits).multipart(tree, structure.top_end, [], 1)
+    except _NotPlain:
+        return None
     return tree
+
+
+def _set_field(node: Message, name: str, value: bytes) -> None:
+    """A field as the parser stores it; `value` is what follows the colon, folded lines
+    included."""
+    text = value.decode("ascii", "surrogateescape")
+    node.set_raw(name, text.lstrip(" \t").rstrip("\r\n"))
+
+
+class _NotPlain(Exception):
+    """The multipart is not plain enough for `_Splitter`: the parser decides."""
+
+
+# Lines starting with "--" that are not boundary lines the splitter passes over before
+# it leaves the message to the parser.
+_MAX_DASH_LINES = 1000
+# What may follow a boundary (and its white space) on a boundary line.
+_LINE_ENDS = (b"", b"\r\n", b"\n", b"\r")
+# A boundary line: (start, end, index of its boundary in the stack, closing or not).
+_Found = tuple[int, int, int, bool]
+
+
+class _Splitter:
+    """Splits plain multiparts as `email.feedparser` does, without its line-by-line pass.
+
+    The parser reads a multipart line by line and matches every line against the boundary
+    of each open multipart; a line of an outer one ends the inner multipart. Here
+    `bytes.find` jumps from one line starting with "--" to the next, and only those lines
+    are matched. The preamble, the payloads and the epilogue are the slices between, less
+    the line end before a boundary line, which the parser also takes off. Wherever the
+    parser would record a defect or take a path of its own, `_NotPlain` is raised: no
+    boundary or a non-ASCII one, a missing start or close boundary, an outer boundary
+    inside an inner multipart, a boundary line in a header section (or right after
+    another), a header line that is not a field, message/* parts, multipart/digest, an
+    encoded multipart, more parts or depth than the limits allow.
+    """
+
+    def __init__(self, raw: bytes, limits: MimeLimits) -> None:
+        self.raw = raw
+        self.limits = limits
+        self.parts = 1
+        # Lines starting with "--" that are no boundary line, so far.
+        self.dash_lines = 0
+
+    def multipart(self, node: Message, body: int, outer: list[bytes], depth: int) -> _Found | None:
+        """Split `node`, whose body starts at `body`, below the multiparts whose boundary
+        lines are `outer`; return the line of theirs that ends its epilogue (None: the
+        end of the message)."""
+        boundary = node.get_boundary()
+        encoding = str(node.get("content-transfer-encoding", "8bit")).lower()
+        if (
+            not boundary
+            or not boundary.isascii()
+            or depth > self.limits.max_depth
+            or node.get_content_type() == "multipart/digest"
+            or encoding not in ("7bit", "8bit", "binary")
+        ):
+            raise _NotPlain
+        stack = [*outer, b"--" + boundary.encode("ascii")]
+        own = len(stack) - 1
+        found = self.next_boundary(body, stack)
+        if found is None or found[2] != own or found[3]:
+            raise _NotPlain
+        if found[0] > body:
+            node.preamble = self.text(body, _before_line_end(self.raw, found[0], body))
+        while not found[3]:
+            self.parts += 1
+            if self.parts > self.limits.max_parts:
+                raise _NotPlain
+            part = Message(policy=compat32)
+            node.attach(part)
+            start = self.header_section(part, found[1], stack)
+            main = part.get_content_maintype()
+            if main == "message":
+                raise _NotPlain
+            if main == "multipart":
+                found = self.multipart(part, start, stack, depth + 1)
+                # The line end before the next boundary line is the boundary's.
+                part.epilogue = _without_line_end(part.epilogue) if part.epilogue else None
+            else:
+                found = self.next_boundary(start, stack)
+                end = found[0] if found is not None else len(self.raw)
+                part.set_payload(self.text(start, _before_line_end(self.raw, end, start)))
+            if found is None or found[2] != own:
+                # The end of the message, or an outer boundary, before the close boundary.
+                raise _NotPlain
+        close_end = found[1]
+        after = self.next_boundary(close_end, outer) if outer else None
+        node.epilogue = self.text(close_end, after[0] if after is not None else len(self.raw))
+        return after
+
+    def header_section(self, part: Message, pos: int, stack: list[bytes]) -> int:
+        """Read a part's header fields into `part`; return where its content starts."""
+        raw = self.raw
+        name = ""
+        value = b""
+        count = 0
+        while True:
+            line_match = _LINE.match(raw, pos)
+            assert line_match is not None
+            line = line_match.group()
+            if not line or (line.startswith(b"--") and _boundary_of(line, stack) is not None):
+                # The end of the message or of the part inside its header section.
+                raise _NotPlain
+            pos = line_match.end()
+            first = line[:1]
+            if first in (b"\r", b"\n"):
+                break
+            if first in (b" ", b"\t"):
+                if not name:
+                    raise _NotPlain
+                value += line
+                continue
+            field_match = _FIELD.match(line)
+            if field_match is None:
+                raise _NotPlain
+            if name:
+                _set_field(part, name, value)
+            count += 1
+            if count > self.limits.max_header_count:
+                raise _NotPlain
+            name = field_match.group(1).decode("ascii")
+            value = line[field_match.end() :]
+        if name:
+            _set_field(part, name, value)
+        return pos
+
+    def next_boundary(self, pos: int, stack: list[bytes]) -> _Found | None:
+        """The first boundary line of `stack` at or after `pos` (a line start)."""
+        raw = self.raw
+        separators = tuple(stack)
+        start = _next_dash_line(raw, pos)
+        while start >= 0:
+            # Most lines starting with "--" in a body are not boundary lines at all.
+            if raw.startswith(separators, start):
+                line_match = _LINE.match(raw, start)
+                assert line_match is not None
+                found = _boundary_of(line_match.group(), stack)
+                if found is not None:
+                    return start, line_match.end(), found[0], found[1]
+            # A body of such lines costs more here than in the parser's own pass.
+            self.dash_lines += 1
+            if self.dash_lines > _MAX_DASH_LINES:
+                raise _NotPlain
+            start = _next_dash_line(raw, start + 2)
+        return None
+
+    def text(self, start: int, end: int) -> str:
+        return self.raw[start:end].decode("ascii", "surrogateescape")
+
+
+def _boundary_of(line: bytes, stack: list[bytes]) -> tuple[int, bool] | None:
+    """Whether `line` is a boundary line of one of `stack` (each "--" and a boundary),
+    read as the parser's boundary regex reads it, the outermost first (the parser ends an
+    inner multipart at an outer boundary): (index, closing) or None."""
+    for index, separator in enumerate(stack):
+        if line.startswith(separator):
+            rest = line[len(separator) :]
+            if rest[:2] == b"--" and rest[2:].lstrip(b" \t") in _LINE_ENDS:
+                return index, True
+            if rest.lstrip(b" \t") in _LINE_ENDS:
+                return index, False
+    return None
+
+
+def _before_line_end(raw: bytes, end: int, start: int) -> int:
+    """`end` less the line end just before it, within raw[start:end]."""
+    if end - start >= 2 and raw[end - 2 : end] == b"\r\n":
+        return end - 2
+    if end > start and raw[end - 1] in b"\r\n":
+        return end - 1
+    return end
+
+
+def _without_line_end(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith(("\r", "\n")) else text
 
 
 def _replace_parts(message: ParsedMessage, body: bytes) -> None:
@@ -392,11 +578,11 @@ class _Structure:
             return None
         boundaries = {boundary: index for index, (boundary, _) in enumerate(self.stack)}
         raw = self.raw
-        # "--" at the start of a line. bytes.find skips through base64 and text at C
-        # speed; a regex anchored on a look-behind tries every position in Python's engine.
-        start = raw.find(b"--", pos)
+        prefixes = tuple(boundaries)
+        start = _next_dash_line(raw, pos)
         while start >= 0:
-            if start == 0 or raw[start - 1] in b"\r\n":
+            # Most lines starting with "--" in a body are not boundary lines at all.
+            if raw.startswith(prefixes, start + 2):
                 line = _LINE.match(raw, start)
                 assert line is not None
                 text = line.group().rstrip(b"\r\n").rstrip(b" \t")[2:]
@@ -404,7 +590,7 @@ class _Structure:
                 key = text[:-2] if closing else text
                 if key in boundaries:
                     return start, line.end(), boundaries[key], closing
-            start = raw.find(b"--", start + 1)
+            start = _next_dash_line(raw, start + 2)
         return None
 
     def header_section(self, pos: int, *, top: bool) -> tuple[int, list[bytes], list]:
@@ -487,6 +673,32 @@ class _Structure:
     def check_depth(self, depth: int) -> None:
         if depth > self.limits.max_depth:
             raise self.fail("too-deep", f"MIME nesting deeper than {self.limits.max_depth}")
+
+
+def _next_dash_line(raw: bytes, pos: int) -> int:
+    """Where the first line at or after `pos` that starts with "--" starts, or -1.
+
+    `bytes.find` of one byte (memchr) runs many times faster than of two, and most of a
+    message (base64 above all) has no "-" at all: a "-" is found that way first, then
+    "--" is looked for in the next few kilobytes only, so that one hyphen in a text does
+    not make the two-byte search run through the attachment after it.
+    """
+    while True:
+        dash = raw.find(b"-", pos)
+        if dash < 0:
+            return -1
+        window = dash + _DASH_WINDOW
+        double = raw.find(b"--", dash, window)
+        if double < 0:
+            # A "--" may start at the window's last byte.
+            pos = window - 1
+        elif double == 0 or raw[double - 1] in b"\r\n":
+            return double
+        else:
+            pos = double + 1
+
+
+_DASH_WINDOW = 4096
 
 
 def _field(fields: list[tuple[str, bytes]], name: str) -> bytes | None:
@@ -713,28 +925,22 @@ def split_parameters(value: str) -> tuple[str, list[tuple[str, str]]]:
     return pieces[0].strip(), params
 
 
+# One parameter piece: anything but a quote or ";", or a quoted string (a backslash in it
+# takes the next character as it is; an unclosed one runs to the end).
+_PIECE = re.compile(r'(?:[^";]+|"(?:[^"\\]|\\[\s\S])*(?:"|\\?\Z))*')
+
+
 def _split_quoted(value: str) -> list[str]:
+    """`value` split at each ";" outside a quoted string."""
     pieces: list[str] = []
-    current: list[str] = []
-    quoted = False
-    escaped = False
-    for ch in value:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif quoted and ch == "\\":
-            current.append(ch)
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-            current.append(ch)
-        elif ch == ";" and not quoted:
-            pieces.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    pieces.append("".join(current))
-    return pieces
+    pos = 0
+    while True:
+        piece = _PIECE.match(value, pos)
+        assert piece is not None
+        pieces.append(piece.group())
+        pos = piece.end() + 1
+        if pos > len(value):
+            return pieces
 
 
 def _unquote(value: str) -> str:

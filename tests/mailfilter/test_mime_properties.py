@@ -115,10 +115,18 @@ def test_every_message_of_cpythons_email_test_corpus_parses_and_is_checked():
         pytest.skip("CPython's email test corpus is not installed")
     files = sorted((Path(spec.origin).parent / "data").glob("msg_*.txt"))
     assert files
+    plain = 0
     for path in files:
-        parsed = parse_message(path.read_bytes())
+        raw = path.read_bytes()
+        parsed = parse_message(raw)
         assert parsed.parts, path.name
         check_banned(parsed)
+        # The tree built without Python's parser, where it is, is the parser's own.
+        for variant in (raw, raw.replace(b"\n", b"\r\n")):
+            plain += _plain_tree_of(variant) is not None
+            with mock.patch.object(mime, "_plain_tree", return_value=None):
+                assert seen(parse_message(variant)) == seen(parse_message(variant)), path.name
+    assert plain > len(files) // 2
 
 
 # Header lines and bodies for messages that are mostly one part: clean and broken header
@@ -198,7 +206,7 @@ def seen(parsed: mime.ParsedMessage) -> tuple:
 @given(single_part_messages())
 def test_a_message_parses_the_same_without_the_structure_scans_tree(raw):
     fast = seen(parse_message(raw))
-    with mock.patch.object(mime, "_single_part_tree", return_value=None):
+    with mock.patch.object(mime, "_plain_tree", return_value=None):
         assert seen(parse_message(raw)) == fast
 
 
@@ -210,3 +218,155 @@ def test_a_plain_single_part_message_is_parsed_without_pythons_parser():
     [part] = parsed.parts
     assert (part.content_type, part.payload) == ("text/plain", b"hello\r\n")
     assert parsed.header("Subject") == "plain"
+
+
+def _plain_tree_of(raw: bytes):
+    structure = mime._Structure(raw, mime.DEFAULT_LIMITS)
+    try:
+        structure.scan()
+    except mime._Exceeded:
+        return None
+    return mime._plain_tree(raw, structure)
+
+
+def tree_state(node) -> tuple:
+    """Everything of a parsed tree the walker can reach, recursively."""
+    payload = node._payload
+    return (
+        node.get_unixfrom(),
+        list(node.raw_items()),
+        node.preamble,
+        node.epilogue,
+        [type(defect) for defect in node.defects],
+        node.get_default_type(),
+        [tree_state(child) for child in payload] if isinstance(payload, list) else payload,
+    )
+
+
+# Multiparts that are mostly plain, with now and then a line the parser reads its own way:
+# boundaries that are prefixes of each other, boundary lines with trailing white space
+# or text, parts without a header section or its empty line, encoded and digest
+# multiparts, message/* parts, header lines that are not fields, and every line end.
+boundary_names = st.sampled_from(["B", "B-", "B--", "b:1", "=_x y"])
+plain_header_lines = st.sampled_from(
+    [
+        b"Content-Type: text/plain",
+        b"Content-Type: text/html; charset=utf-8",
+        b"Content-Type: application/pdf; name=a.pdf",
+        b"Content-Transfer-Encoding: base64",
+        b"Content-Disposition: attachment;",
+        b"\tfilename=a.exe",
+        b"X-8bit: caf\xc3\xa9",
+    ]
+)
+odd_header_lines = st.sampled_from(
+    [
+        b"Content-Type: message/rfc822",
+        b"Content-Type: multipart/mixed",
+        b" continued first",
+        b"From someone",
+        b":no-name",
+        b"not a field",
+        b"--B",
+    ]
+)
+plain_body_lines = st.sampled_from([b"text", b"", b"-- ", b"--", b"QUJD", b"\xff", b"--x"])
+odd_body_lines = st.sampled_from(
+    [
+        b"--B", b"--B--", b"--B  ", b"--B-- \t", b"--B--x", b"--B-", b"--B---", b"--b:1",
+        b"--b:1--", b"--=_x y", b"--=_x y--",
+    ]
+)
+
+
+@st.composite
+def multipart_messages(draw) -> bytes:
+    ends = st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r"])
+
+    def now_and_then() -> bool:
+        return draw(st.integers(0, 15)) == 0
+
+    def lines(plain, odd, most: int) -> bytes:
+        count = draw(st.integers(0, most))
+        chosen = [draw(odd) if now_and_then() else draw(plain) for _ in range(count)]
+        return b"".join(line + draw(ends) for line in chosen)
+
+    def part(depth: int, boundary: bytes) -> bytes:
+        if depth < 3 and draw(st.integers(0, 3)) == 0:
+            return multipart(depth + 1)
+        head = lines(plain_header_lines, odd_header_lines, 3)
+        blank = b"" if now_and_then() else draw(ends)
+        return head + blank + lines(plain_body_lines, odd_body_lines, 4)
+
+    def multipart(depth: int) -> bytes:
+        boundary = draw(boundary_names).encode()
+        if not now_and_then():
+            # Mostly a boundary of its own: nested multiparts that share one end early.
+            boundary += b"%d" % depth
+        value = b'"' + boundary + b'"' if draw(st.booleans()) or b" " in boundary else boundary
+        subtype = b"digest" if now_and_then() else draw(st.sampled_from([b"mixed", b"related"]))
+        head = b"Content-Type: multipart/" + subtype + b"; boundary=" + value + draw(ends)
+        if now_and_then():
+            encoding = draw(st.sampled_from([b"7bit", b"base64", b"8BIT"]))
+            head += b"Content-Transfer-Encoding: " + encoding + draw(ends)
+        out = head + draw(ends) + lines(plain_body_lines, odd_body_lines, 2)
+        for _ in range(draw(st.integers(0 if now_and_then() else 1, 3))):
+            out += b"--" + boundary + draw(st.sampled_from([b"", b"", b" ", b"\t "]))
+            out += draw(ends) + part(depth, boundary)
+        if not now_and_then():
+            out += b"--" + boundary + b"--" + draw(st.sampled_from([b"", b"", b" "]))
+            out += draw(st.sampled_from([b"\r\n", b"\n", b"\r", b""]))
+            out += lines(plain_body_lines, odd_body_lines, 2)
+        return out
+
+    return HEAD + multipart(1)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(multipart_messages())
+def test_a_multipart_split_without_pythons_parser_is_split_as_the_parser_splits_it(raw):
+    from email.parser import BytesParser
+    from email.policy import compat32
+
+    tree = _plain_tree_of(raw)
+    if tree is not None:
+        assert tree_state(tree) == tree_state(BytesParser(policy=compat32).parsebytes(raw))
+    fast = seen(parse_message(raw))
+    with mock.patch.object(mime, "_plain_tree", return_value=None):
+        assert seen(parse_message(raw)) == fast
+
+
+def test_a_plain_multipart_message_is_parsed_without_pythons_parser():
+    raw = HEAD + (
+        b"Content-Type: multipart/mixed; boundary=\"outer\"\r\n\r\n"
+        b"preamble\r\n"
+        b"--outer\r\n"
+        b"Content-Type: multipart/alternative; boundary=inner\r\n\r\n"
+        b"--inner\r\nContent-Type: text/plain\r\n\r\nhello\r\n-- \r\nsig\r\n"
+        b"--inner\r\nContent-Type: text/html\r\n\r\n<p>hello</p>\r\n"
+        b"--inner--\r\n"
+        b"--outer\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment;\r\n\tfilename=\"a.exe\"\r\n\r\n"
+        b"TVqQAAMAAAAEAAAA\r\n"
+        b"--outer--\r\nepilogue\r\n"
+    )
+    from email.parser import BytesParser
+    from email.policy import compat32
+
+    assert tree_state(_plain_tree_of(raw)) == tree_state(
+        BytesParser(policy=compat32).parsebytes(raw)
+    )
+    with mock.patch.object(mime, "BytesParser", side_effect=AssertionError("parser called")):
+        parsed = parse_message(raw)
+    assert parsed.defects == []
+    leaves = list(parsed.walk())
+    assert [(p.path, p.content_type, p.payload) for p in leaves] == [
+        ("1.1", "text/plain", b"hello\r\n-- \r\nsig"),
+        ("1.2", "text/html", b"<p>hello</p>"),
+        ("2", "application/octet-stream", b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00"),
+    ]
+    assert leaves[2].filenames == ["a.exe"]
+    assert parsed.texts == [
+        ("message preamble", b"preamble"), ("message epilogue", b"epilogue\r\n")
+    ]
