@@ -12,9 +12,11 @@ object per part, and runs a quadratic loop over the parameters of a long Content
 header fields and header bytes per header section, parameter-header length. Beyond any cap
 the parser is not run at all; the message keeps its top header fields and its raw body as
 one opaque part, and a defect (`too-deep`, `too-many-parts`, ...) says why. Those defects
-are in `UNSCANNABLE`. Most mail is a single part under a clean header section, and for
-that the scan has found all the parser would: the tree is built from it and the parser is
-not run (`_plain_tree`).
+are in `UNSCANNABLE`. Most mail is a single part or a plain multipart under clean header
+sections, and for that the parser is not run at all: the tree it would build is built from
+the scan's header fields and, for a multipart, by a splitter that jumps from boundary line
+to boundary line (`_plain_tree`); anything it cannot split exactly as the parser would
+goes to the parser.
 
 Everything else is ours, written to be linear: parameter splitting (so duplicate and
 RFC 2231 continued parameters are seen as written, which Python's parser hides),
