@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 
 # bench/ is the script's own directory, first on sys.path.
-from scratchdb import drop_scratch_database, use_scratch_database
+from common import drop_scratch_database, timed, use_scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -189,12 +189,6 @@ def _baseline_search(server: Slapd) -> int:
     return entries
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=50_000)
@@ -206,7 +200,7 @@ def main() -> None:
     (work / "slapd").mkdir()
     (work / "postfix").mkdir()
     print(f"building a directory of {args.objects} objects ...", flush=True)
-    load_time, server = _timed(lambda: _start_slapd(work / "slapd", args.objects))
+    load_time, server = timed(lambda: _start_slapd(work / "slapd", args.objects))
     print(f"  slapadd and start: {load_time:.1f} s")
     try:
         _configure(server, work)
@@ -230,10 +224,10 @@ def _run(server: Slapd, objects: int, *, as_json: bool = False) -> None:
     from directory.relaymap import write_relay_map
     from directory.sync import sync_directory
 
-    baseline, entries = _timed(lambda: _baseline_search(server))
-    first, summary = _timed(sync_directory)
-    relay, result = _timed(write_relay_map)
-    second, again = _timed(sync_directory)
+    baseline, entries = timed(lambda: _baseline_search(server))
+    first, summary = timed(sync_directory)
+    relay, result = timed(write_relay_map)
+    second, again = timed(sync_directory)
 
     print(f"baseline: paged search of {entries} entries   {baseline:8.2f} s")
     print(f"  first sync      {first:8.2f} s   x{first / baseline:6.1f}   ({summary})")

@@ -28,13 +28,12 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
 # bench/ is the script's own directory, first on sys.path.
-from scratchdb import drop_scratch_database, use_scratch_database
+from common import drop_scratch_database, timed, use_scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -109,12 +108,6 @@ def _baseline_read(store_root: Path) -> int:
     return total
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
@@ -141,19 +134,19 @@ def main() -> None:
     try:
         call_command("migrate", verbosity=0)
         print(f"writing {args.files:,} store files ...", flush=True)
-        setup_s, files = _timed(lambda: _write_files(store_root, 0, args.files))
+        setup_s, files = timed(lambda: _write_files(store_root, 0, args.files))
         print(f"  written in {setup_s:.1f} s", flush=True)
         # Both baselines twice: the first pass warms the page cache for everything after.
         _baseline_read(store_root)
-        list_s, listed = _timed(lambda: _baseline_list(store_root))
-        read_s, _ = _timed(lambda: _baseline_read(store_root))
-        first_s, first = _timed(lambda: index_directory(store_root))
-        again_s, again = _timed(lambda: index_directory(store_root))
+        list_s, listed = timed(lambda: _baseline_list(store_root))
+        read_s, _ = timed(lambda: _baseline_read(store_root))
+        first_s, first = timed(lambda: index_directory(store_root))
+        again_s, again = timed(lambda: index_directory(store_root))
         churn = max(1, args.files // 100)
         for path in random.Random(1).sample(files, churn):
             path.unlink()
         _write_files(store_root, args.files, churn)
-        churn_s, churned = _timed(lambda: index_directory(store_root))
+        churn_s, churned = timed(lambda: index_directory(store_root))
     finally:
         drop_scratch_database()
         shutil.rmtree(work, ignore_errors=True)

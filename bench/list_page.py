@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 # bench/ is the script's own directory, first on sys.path.
-from scratchdb import drop_scratch_database, use_scratch_database
+from common import drop_scratch_database, use_scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

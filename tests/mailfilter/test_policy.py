@@ -215,19 +215,25 @@ def test_checks_out_of_time_are_a_temporary_failure():
     assert failure.value.label == "check_timeout"
 
 
-def test_small_messages_are_checked_on_the_loop_and_large_ones_in_a_thread(monkeypatch):
-    import threading
-
+def _record_analysis(monkeypatch, probe) -> list:
+    """What `probe()` returns each time the checks analyse a message."""
     import mailfilter.policy as policy_module
 
-    threads = []
+    seen = []
     analyse = policy_module._analyse
 
     def recording(*args):
-        threads.append(threading.current_thread())
+        seen.append(probe())
         return analyse(*args)
 
     monkeypatch.setattr(policy_module, "_analyse", recording)
+    return seen
+
+
+def test_small_messages_are_checked_on_the_loop_and_large_ones_in_a_thread(monkeypatch):
+    import threading
+
+    threads = _record_analysis(monkeypatch, threading.current_thread)
     policy = CheckPolicy(inline_limit=4096)
     small = message()
     assert len(small) < 4096
@@ -239,14 +245,7 @@ def test_small_messages_are_checked_on_the_loop_and_large_ones_in_a_thread(monke
 
 
 def test_checks_with_nothing_to_wait_for_run_in_the_callers_task(monkeypatch):
-    import mailfilter.policy as policy_module
-
-    tasks = []
-    analyse = policy_module._analyse
-
-    def recording(*args):
-        tasks.append(asyncio.current_task())
-        return analyse(*args)
+    tasks = _record_analysis(monkeypatch, asyncio.current_task)
 
     async def no_findings(parsed, envelope, prof):
         return []
@@ -255,7 +254,6 @@ def test_checks_with_nothing_to_wait_for_run_in_the_callers_task(monkeypatch):
         verdict = await policy.decide(message(), ENVELOPE, BUILTIN_DEFAULT_PROFILE)
         return verdict, asyncio.current_task()
 
-    monkeypatch.setattr(policy_module, "_analyse", recording)
     verdict, caller = asyncio.run(run(CheckPolicy()))
     assert verdict.destiny == "pass" and tasks == [caller]
     # With a DNS hook there is something to wait for, and the timeout's task runs it.

@@ -1,8 +1,21 @@
-"""A scratch PostgreSQL database for a benchmark, next to DATABASE_URL's, dropped at the end."""
+"""What the benchmarks share: a scratch PostgreSQL database next to DATABASE_URL's,
+dropped at the end, and timing one call."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """Seconds `fn()` took, and what it returned."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def use_scratch_database(suffix: str, *, script: str, reuse: bool = False) -> None:
