@@ -36,7 +36,8 @@ from mailfilter.stats import Stats
 log = logging.getLogger(__name__)
 
 # Characters that must never reach a command line of the next hop.
-_UNSAFE_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
+# Not in an address we pass on; nor are octets that are not UTF-8 (kept as surrogates).
+_UNSAFE_ADDRESS = re.compile("[\x00-\x20\x7f<>\ud800-\udfff]")
 # What xtext leaves as it is.
 _XTEXT_SAFE = re.compile(r"[!-*,-<>-~]*")
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
@@ -63,10 +64,15 @@ class Reply:
         """The reply as the client gets it (multi-line replies joined by CRLF)."""
         parts = self.lines()
         if single_line or len(parts) == 1:
-            return f"{self.code} {' '.join(parts)}"
+            # A reply line is at most 512 octets, its CRLF included (RFC 5321 4.5.3.1.5).
+            return f"{self.code} {' '.join(parts)[:_MAX_TEXT]}"
         return "\r\n".join(
             f"{self.code}{'-' if i < len(parts) - 1 else ' '}{p}" for i, p in enumerate(parts)
         )
+
+
+# The most text on one reply line we send: 512 octets less the code, a space and CRLF.
+_MAX_TEXT = 506
 
 
 def _printable(text: str) -> str:
@@ -77,6 +83,21 @@ def _printable(text: str) -> str:
 
 def unavailable(reason: str) -> Reply:
     return Reply(451, f"4.4.1 Next hop unavailable ({reason}), try again later")
+
+
+def _xforward_value(value: str) -> str:
+    """`value` xtext-encoded and cut to the 255 characters an XFORWARD attribute may have
+    (Postfix's XFORWARD_README), never inside a `+XX`."""
+    encoded = xtext(value)
+    if len(encoded) > _XFORWARD_VALUE:
+        encoded = encoded[:_XFORWARD_VALUE]
+        escape = encoded.rfind("+", _XFORWARD_VALUE - 2)
+        if escape >= 0:
+            encoded = encoded[:escape]
+    return encoded
+
+
+_XFORWARD_VALUE = 255
 
 
 def xtext(value: str) -> str:
@@ -155,6 +176,19 @@ class Relay:
                 return None, unavailable("all connections busy")
         else:
             await self._slots.acquire()
+        try:
+            return await self._open(mail, address, dsn)
+        except BaseException:
+            # Cancelled (the client went away) or a failure of ours: the slot is given
+            # back, and a connection left in the middle of a command closes itself.
+            self._slots.release()
+            raise
+
+    async def _open(
+        self, mail: _Mail, address: str, dsn: Sequence[str]
+    ) -> tuple[NextHopClient | None, Reply]:
+        """`_start` once the slot is taken: every return that gives no connection has
+        given the slot back."""
         # A pooled connection may have been closed by the next hop meanwhile: one retry
         # on a fresh connection.
         for attempt in (1, 2):
@@ -246,6 +280,9 @@ class Relay:
             log.warning("next hop %s:%s: %s", self.host, self.port, exc)
             client.close()
             return None, False
+        except BaseException:
+            client.close()
+            raise
         return client, False
 
     def _xforward(
@@ -255,7 +292,7 @@ class Relay:
         the next hop asked for."""
         offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
         items = [
-            f"{name}={xtext(attrs[name])}"
+            f"{name}={_xforward_value(attrs[name])}"
             for name in XFORWARD_ATTRIBUTES
             if name in offered and attrs.get(name)
         ]
@@ -273,9 +310,11 @@ class Relay:
     async def _reset(self, client: NextHopClient) -> None:
         try:
             response = await client.execute_command(b"RSET", timeout=self.command_timeout)
-        except (aiosmtplib.SMTPException, OSError):
+        except BaseException as exc:
             self._release(client, reusable=False)
-            return
+            if isinstance(exc, (aiosmtplib.SMTPException, OSError)):
+                return
+            raise
         self._release(client, reusable=response.code == 250)
 
     def _release(self, client: NextHopClient, *, reusable: bool) -> None:
@@ -293,10 +332,12 @@ class Relay:
 
 
 async def _quit(client: NextHopClient) -> None:
-    if client.is_connected:
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            await client.quit(timeout=2)
-    client.close()
+    try:
+        if client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit(timeout=2)
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
@@ -385,6 +426,11 @@ class Transaction:
             self.relay.stats.inc("next_hop_failures", label="data")
             self._finish(reusable=False)
             return unavailable("no reply to the message")
+        except BaseException:
+            # Cancelled (the client is gone): the connection may be in the middle of
+            # the message.
+            self._finish(reusable=False)
+            raise
         self._finish(reusable=True)
         return Reply(response.code, response.message)
 
@@ -410,8 +456,23 @@ class Transaction:
             self.relay.stats.inc("next_hop_failures", label="data")
             self._finish(reusable=False)
             return [unavailable("no reply to the message")] * count
+        except BaseException:
+            self._finish(reusable=False)
+            raise
+        replies = [
+            Reply(r.code, r.message) if 200 <= r.code < 600
+            else unavailable(f"unexpected reply {r.code}")
+            for r in responses
+        ]
+        if len(replies) < count:
+            # The recipients answered keep their answers (a 250 is a delivery); the
+            # others try again (RFC 2033 4.2, as Postfix's LMTP client does).
+            log.warning("next hop lost after %d of %d replies", len(replies), count)
+            self.relay.stats.inc("next_hop_failures", label="data")
+            self._finish(reusable=False)
+            return replies + [unavailable("no reply to the message")] * (count - len(replies))
         self._finish(reusable=True)
-        return [Reply(r.code, r.message) for r in responses]
+        return replies
 
     async def abort(self) -> None:
         """End the transaction without sending the message (RSET, back to the pool)."""
@@ -419,6 +480,11 @@ class Transaction:
         client, self.client = self.client, None
         if client is not None:
             await self.relay._reset(client)
+
+    def drop(self) -> None:
+        """End the transaction at once, without a word to the next hop: its connection
+        closes (it may be in the middle of a command) and the slot is given back."""
+        self._finish(reusable=False)
 
     def _finish(self, *, reusable: bool) -> None:
         self.ended = True
@@ -512,7 +578,12 @@ class _ReplyReader(asyncio.Protocol):
             await waiter
         finally:
             timer.cancel()
-            self._waiter = None
+            if self._waiter is waiter:
+                self._waiter = None
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiter is not None
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -607,24 +678,52 @@ class NextHopClient:
             body = crlf_text(message, verbatim=verbatim)
             self._write(b"BDAT %d LAST\r\n" % len(body) + body)
         else:
-            start = await self.execute_command(b"DATA", timeout=timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            await self._start_data(timeout)
             self._write(wire_text(message, verbatim=verbatim))
         [response] = await self._replies(1, timeout)
-        if response.code != 250:
-            raise aiosmtplib.SMTPDataError(response.code, response.message)
-        return response
+        if 200 <= response.code < 300:
+            return response
+        raise self._refusal(response)
 
     async def lmtp_data(
         self, message: bytes, count: int, *, timeout: float, verbatim: bool = False
     ) -> list[aiosmtplib.SMTPResponse]:
-        """LMTP: DATA, the message, and one reply per accepted recipient (RFC 2033)."""
+        """LMTP: DATA, the message, and one reply per accepted recipient (RFC 2033), in
+        RCPT order. Fewer than `count` when the connection failed after some: those
+        recipients were answered, the rest were not (the connection is closed)."""
+        await self._start_data(timeout)
+        self._write(wire_text(message, verbatim=verbatim))
+        deadline = self._protocol_time() + timeout
+        replies: list[aiosmtplib.SMTPResponse] = []
+        for _ in range(count):
+            try:
+                replies += await self._replies(1, max(0.0, deadline - self._protocol_time()))
+            except (aiosmtplib.SMTPException, OSError):
+                if not replies:
+                    raise
+                break
+        return replies
+
+    def _protocol_time(self) -> float:
+        protocol = self._protocol
+        return protocol.loop.time() if protocol is not None else 0.0
+
+    async def _start_data(self, timeout: float) -> None:
+        """DATA, and its 354; SMTPDataError for a refusal (4xx, 5xx)."""
         start = await self.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
-        self._write(wire_text(message, verbatim=verbatim))
-        return await self._replies(count, timeout)
+            raise self._refusal(start)
+
+    def _refusal(self, response: aiosmtplib.SMTPResponse) -> aiosmtplib.SMTPException:
+        """SMTPDataError for a 4xx or 5xx reply. Any other reply where a refusal could be
+        (a 250 to DATA itself, a 1xx, a 3xx or no code at all at the end of data) says
+        nothing of the message: the connection goes, and the caller answers 451."""
+        if 400 <= response.code < 600:
+            return aiosmtplib.SMTPDataError(response.code, response.message)
+        self.close()
+        return aiosmtplib.SMTPResponseException(
+            -1, f"unexpected reply {response.code} {response.message[:100]}"
+        )
 
     async def quit(self, *, timeout: float) -> None:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, ValueError):
@@ -641,6 +740,11 @@ class NextHopClient:
         if not self.is_connected:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         assert protocol is not None and protocol.transport is not None
+        if protocol.waiting:
+            # A command still waits for its reply (its task is being cancelled): what
+            # would answer this one cannot be told apart from it.
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected("a command is still waiting for its reply")
         if protocol.buffer:
             # Something the next hop sent unasked (a 421 before it closed, say): no reply
             # read from here on could be trusted to answer what we send next.
@@ -695,10 +799,13 @@ class NextHopClient:
                 return None
             line = bytes(buffer[offset : end + 1])
             offset = end + 1
-            if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n":
+            if len(line) < 4 or not line[:3].isdigit():
                 raise aiosmtplib.SMTPResponseException(-1, f"bad reply {line[:100]!r}")
             code = int(line[:3])
-            texts.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+            # "250Ok": a line without the space after its code is a last line all the
+            # same (as aiosmtplib, smtplib and Postfix read it).
+            text = line[4:] if line[3:4] in b" -" else line[3:]
+            texts.append(text.strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
             if line[3:4] != b"-":
                 break
             if offset > _MAX_REPLY:

@@ -238,6 +238,12 @@ class FilterHandler:
             log.exception("unexpected failure after DATA; answering 451")
             self.stats.inc("messages_tempfailed", label="error")
             reply = Reply(451, "4.3.0 Temporary failure, please try again later")
+        except BaseException:
+            # Cancelled: the client is gone and hears nothing, so the next hop must not
+            # keep the message either (a transaction already ended is left as it is).
+            if transaction is not None and not transaction.ended:
+                transaction.drop()
+            raise
         replies = reply if isinstance(reply, list) else [reply] * max(1, len(recipients))
         if not all(r.ok for r in replies):
             with contextlib.suppress(Exception):

@@ -294,7 +294,8 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The client will send nothing more: whatever it waits for is not answered (as
-        # aiosmtpd did); returning False closes the connection.
+        # aiosmtpd did, and a client that gave up on a message sends it again, so the
+        # message being decided is not relayed); returning False closes the connection.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -342,7 +343,9 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._closed:
+        if self._closed or self.task is not None:
+            # The timeouts measure the client's silence (RFC 5321 4.5.3.2), not our own
+            # work, which has timeouts of its own: `_resume` arms the timer again.
             return
         deadline = self._last + self._timeout
         if deadline - self._loop.time() > _TIMER_SLACK:
@@ -460,6 +463,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.task = None
         if self._closed:
             return
+        self._last = self._loop.time()
+        self._arm_timer()
         if reply is not None:
             self._out.append(reply)
         if self._writing_paused:
@@ -623,7 +628,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._reading_paused = False
         try:
             transport = await self._loop.start_tls(
-                self.transport, self, self._tls_context, server_side=True
+                self.transport, self, self._tls_context, server_side=True,
+                # The client's turn: as long as it may take for a command.
+                ssl_handshake_timeout=self.config.command_timeout,
             )
         except Exception as error:
             # (The app protocol does not hear of a connection lost during the handshake.)
@@ -706,7 +713,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         envelope.smtp_utf8 = smtputf8
         size = params.pop("SIZE", None)
         if size:
-            if isinstance(size, bool) or not size.isdigit():
+            if isinstance(size, bool) or not (size.isascii() and size.isdigit()):
                 self._out.append(syntax_error)
                 return
             if self.config.max_message_size and int(size) > self.config.max_message_size:
@@ -862,7 +869,10 @@ class SMTPServerProtocol(asyncio.Protocol):
                 self._close()
             return
         self._data = None
+        # The client's next command is due within the command timeout, however long the
+        # data timeout it had for the message.
         self._timeout = config.command_timeout
+        self._arm_timer()
         # Sent after the end of data without waiting for its reply: commands, read as
         # such once the reply is out.
         self._buf = chunk[end:] if end < len(chunk) else b""
@@ -876,8 +886,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         if accumulator.state != NOMINAL:
             stats.inc("messages_rejected", label=accumulator.state)
             stats.inc("bytes_rejected", accumulator.size)
+            replies = self._per_recipient(REFUSALS[accumulator.state])
             self._new_envelope()
-            self._out.append(REFUSALS[accumulator.state])
+            self._out.extend(replies)
             self._process()
             return
         self._start(self._finish_data(accumulator.content(), accumulator.verbatim))
@@ -889,10 +900,17 @@ class SMTPServerProtocol(asyncio.Protocol):
                 self.session, self.envelope, content, lmtp=self.lmtp, verbatim=verbatim
             )
         except Exception as error:
-            reply = self.handler.handle_exception(error)
+            reply = "\r\n".join(self._per_recipient(self.handler.handle_exception(error)))
         self._commands = 0
         self._new_envelope()
         self._resume(reply)
+
+    def _per_recipient(self, reply: str) -> list[str]:
+        """The replies to the end of data that `reply` stands for: one per accepted
+        recipient in LMTP (RFC 2033 4.2), else itself."""
+        if self.lmtp:
+            return [reply] * max(1, len(self.envelope.rcpt_tos))
+        return [reply]
 
 
 _SMTP_COMMANDS = {
@@ -946,11 +964,12 @@ def _getaddr(arg: str) -> tuple[str | None, str | None]:
 
 
 def _getparams(params: list[str]) -> dict[str, str | bool] | None:
-    """ESMTP parameters by name; None when one is not `keyword[=value]` (RFC 1869)."""
+    """ESMTP parameters by name; None when one is not `keyword[=value]` or is given twice
+    (RFC 1869)."""
     result: dict[str, str | bool] = {}
     for param in params:
         name, eq, value = param.partition("=")
-        if not name.isalnum() or (eq and not value):
+        if not name.isalnum() or (eq and not value) or name in result:
             return None
         result[name] = value if eq else True
     return result
