@@ -56,6 +56,15 @@ class Reply:
     def temporary(self) -> bool:
         return 400 <= self.code < 500
 
+    @classmethod
+    def passed_on(cls, code: int, text: str) -> Reply:
+        """A next hop's reply as our client gets it. Its 421 closes the next hop's
+        connection, not ours: the client hears 451. A code no SMTP reply has says
+        nothing either way: 451 too."""
+        if code == 421 or not 200 <= code < 600:
+            return unavailable(f"it answered {code} {' '.join(text.split())[:200]}")
+        return cls(code, text)
+
     def lines(self) -> list[str]:
         parts = [_printable(p) for p in self.text.splitlines() if p.strip()] or ["Ok"]
         return parts
@@ -234,8 +243,8 @@ class Relay:
             if mail_response.code != 250 or rcpt_response is None:
                 self.stats.inc("next_hop_failures", label="mail")
                 await self._reset(client)
-                return None, Reply(mail_response.code, mail_response.message)
-            return client, Reply(rcpt_response.code, rcpt_response.message)
+                return None, Reply.passed_on(mail_response.code, mail_response.message)
+            return client, Reply.passed_on(rcpt_response.code, rcpt_response.message)
         raise AssertionError("unreachable")
 
     def _mail_commands(self, client: NextHopClient, mail: _Mail) -> list[tuple[bytes, ...]]:
@@ -400,7 +409,7 @@ class Transaction:
                 self._finish(reusable=False)
                 self.relay.stats.inc("next_hop_failures", label="rcpt")
                 return unavailable("lost connection")
-            reply = Reply(response.code, response.message)
+            reply = Reply.passed_on(response.code, response.message)
         if reply.ok:
             self.accepted.append(address)
         return reply
@@ -418,7 +427,7 @@ class Transaction:
         except aiosmtplib.SMTPDataError as exc:
             self.relay.stats.inc("next_hop_failures", label="data")
             await self.abort()
-            return Reply(exc.code, exc.message)
+            return Reply.passed_on(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             # No reply to the end of data: whether the next hop kept the message is
             # unknown, and a 451 lets the client try again (at worst a duplicate).
@@ -432,7 +441,7 @@ class Transaction:
             self._finish(reusable=False)
             raise
         self._finish(reusable=True)
-        return Reply(response.code, response.message)
+        return Reply.passed_on(response.code, response.message)
 
     async def data_per_recipient(
         self, message: bytes, *, verbatim: bool = False
@@ -450,7 +459,7 @@ class Transaction:
         except aiosmtplib.SMTPDataError as exc:
             self.relay.stats.inc("next_hop_failures", label="data")
             await self.abort()
-            return [Reply(exc.code, exc.message)] * count
+            return [Reply.passed_on(exc.code, exc.message)] * count
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("next hop failed at DATA: %s", exc)
             self.relay.stats.inc("next_hop_failures", label="data")
@@ -459,11 +468,7 @@ class Transaction:
         except BaseException:
             self._finish(reusable=False)
             raise
-        replies = [
-            Reply(r.code, r.message) if 200 <= r.code < 600
-            else unavailable(f"unexpected reply {r.code}")
-            for r in responses
-        ]
+        replies = [Reply.passed_on(r.code, r.message) for r in responses]
         if len(replies) < count:
             # The recipients answered keep their answers (a 250 is a delivery); the
             # others try again (RFC 2033 4.2, as Postfix's LMTP client does).

@@ -429,3 +429,58 @@ def test_lmtp_listener_reply_lines_stay_within_512_octets(start_filter, hop, raw
     reply = client.command(MESSAGE + b".")
     assert reply[:3] == b"554"
     assert max(len(part) + 1 for part in reply.split(b"\n") if part) <= 512, len(reply)
+
+
+# --------------------------------------------------------------------------------------
+# The next hop's own 421 and codes no reply has
+# --------------------------------------------------------------------------------------
+
+
+def test_next_hops_421_at_rcpt_reaches_the_client_as_451_and_the_session_goes_on(
+    start_filter, hop, raw
+):
+    """A 421 says the sender of it closes the connection (RFC 5321 4.2.2): the next hop's
+    421 closes the next hop's connection, not the client's session with us. The client
+    hears a 451 and its session goes on; the next transaction gets a fresh connection."""
+    next_hop = hop()
+
+    def closing(handler, line, number):
+        if number == 1:
+            handler.wfile.write(b"421 4.3.2 hop.test shutting down\r\n")
+            return None
+        return b"250 2.1.5 Ok\r\n"
+
+    next_hop.replies[b"RCPT"] = closing
+    worker = start_filter(next_hop_port=next_hop.port)
+    client = _open_session(raw, worker.port)
+    assert client.command(b"MAIL FROM:<a@remote.example>")[:3] == b"250"
+    reply = client.command(b"RCPT TO:<alice@example.test>")
+    assert reply[:4] == b"451 " and b"421" in reply, reply
+    assert client.command(b"RSET")[:3] == b"250"
+    assert client.command(b"MAIL FROM:<a@remote.example>")[:3] == b"250"
+    assert client.command(b"RCPT TO:<alice@example.test>")[:3] == b"250"
+    assert client.command(b"DATA")[:3] == b"354"
+    assert client.command(MESSAGE + b".")[:3] == b"250"
+    assert len(next_hop.delivered) == 1
+
+
+@pytest.mark.parametrize("code", [b"199", b"354", b"999"])
+def test_end_of_data_reply_with_a_code_no_final_reply_has_is_a_451(
+    start_filter, hop, raw, code
+):
+    """Only a 2xx, 4xx or 5xx answers the end of data (RFC 5321 4.2.1). Anything else
+    says nothing of the message: the client hears 451 (and sends it again), never the
+    odd code, and the connection is not used again."""
+    next_hop = hop()
+    next_hop.end_of_data = lambda handler, body, recipients, number: code + b" what\r\n"
+    worker = start_filter(next_hop_port=next_hop.port)
+    client = _open_session(raw, worker.port)
+    assert client.command(b"MAIL FROM:<a@remote.example>")[:3] == b"250"
+    assert client.command(b"RCPT TO:<alice@example.test>")[:3] == b"250"
+    assert client.command(b"DATA")[:3] == b"354"
+    reply = client.command(MESSAGE + b".")
+    assert reply[:4] == b"451 ", reply
+    # A second message opens a new next-hop connection.
+    rcpt, _ = _one_message_goes_through(raw, worker.port)
+    assert rcpt[:3] == b"250"
+    assert len({number for number, line in next_hop.lines if line.startswith(b"EHLO")}) == 2
