@@ -321,7 +321,7 @@ class FilterHandler:
         try:
             mail_id = await self.sink.write(
                 category=verdict.category or "BADH",
-                message=content,
+                message=self._received(session, envelope) + content,
                 sender=_reverse_path(envelope.mail_from or ""),
                 recipients=list(envelope.rcpt_tos),
                 reasons=list(verdict.reasons),
@@ -388,6 +388,15 @@ class FilterHandler:
 
     def _top_headers(self, session: Session, envelope: FilterEnvelope, verdict: Verdict) -> bytes:
         """The only change made to a passed message: header fields put on top."""
+        block = self._received(session, envelope)
+        for name, value in verdict.headers:
+            clean = " ".join(value.replace("\0", " ").split())
+            block += f"{name}: {clean}\r\n".encode("utf-8", "replace")
+        return block
+
+    def _received(self, session: Session, envelope: FilterEnvelope) -> bytes:
+        """Our Received field: on top of a passed message, and between the quarantine
+        file's own fields and the message it keeps (as amavisd-new writes it there)."""
         peer = session.peer or ("", 0)
         helo = _HELO_UNSAFE.sub("?", session.host_name or "unknown")[:255]
         client = f"[{peer[0]}]"
@@ -411,11 +420,7 @@ class FilterHandler:
         if len(envelope.rcpt_tos) == 1 and len(envelope.rcpt_tos[0]) < 200:
             received += f"\r\n\tfor <{envelope.rcpt_tos[0]}>"
         received += f";\r\n\t{_date_now()}\r\n"
-        block = received.encode("utf-8", "replace")
-        for name, value in verdict.headers:
-            clean = " ".join(value.replace("\0", " ").split())
-            block += f"{name}: {clean}\r\n".encode("utf-8", "replace")
-        return block
+        return received.encode("utf-8", "replace")
 
 
 # Random queue ids for the Received field, drawn in batches (one getrandom() call for

@@ -147,9 +147,17 @@ def _send(sender: str, recipients: list[str], data: bytes) -> dict[str, str]:
     host, port = settings.RELEASE_SMTP_HOST, settings.RELEASE_SMTP_PORT
     options = ["SMTPUTF8"] if not (sender + "".join(recipients)).isascii() else []
     try:
-        with smtplib.SMTP(host, port, timeout=settings.RELEASE_SMTP_TIMEOUT) as smtp:
+        smtp = smtplib.SMTP(host, port, timeout=settings.RELEASE_SMTP_TIMEOUT)
+        try:
             # smtplib dot-stuffs the data; it only sees LF-terminated lines, hence to_crlf.
             refused = smtp.sendmail(sender, recipients, data, mail_options=options)
+        finally:
+            # The message is the next hop's once sendmail returned: what QUIT gets
+            # changes nothing.
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
     except smtplib.SMTPRecipientsRefused as exc:
         answers = {_answer(code, text) for code, text in exc.recipients.values()}
         raise _Refused("Release failed: " + "; ".join(sorted(answers))) from exc

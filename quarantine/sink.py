@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from django.db import connections
 
 from quarantine.indexer import index_file
-from quarantine.store import FileStore, StoreError, generate_mail_id, get_store
+from quarantine.store import (
+    FileStore,
+    StoreError,
+    generate_mail_id,
+    get_store,
+    received_field,
+    starts_with_received,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,10 @@ class DjangoQuarantineSink:
         reasons: list[str], headers: list[tuple[str, str]] | None = None,
     ) -> str:
         mail_id, _ = generate_mail_id()
+        if not starts_with_received(message):
+            # amavisd-new's layout (spec 1.5 item 8): a Received field between the block
+            # and the message (the worker gives its own; other writers get this one).
+            message = received_field(mail_id) + message
         key = self.store.write(
             category=category,
             mail_id=mail_id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spamviewer.durable import fsync_directory
+
+log = logging.getLogger(__name__)
 
 # Category of a quarantine file, by the prefix of its name (amavisd-new's defaults) and by
 # the quarantine pseudo-recipient in its Delivered-To field.
@@ -93,14 +96,14 @@ class QuarantineFile:
 
     @property
     def recipients(self) -> list[str]:
-        return split_addresses(" ".join(self.all("X-Envelope-To")))
+        return split_addresses(",".join(self.all("X-Envelope-To")))
 
     @property
     def blocked_recipients(self) -> list[str]:
         """The recipients whose mail was held; all recipients where the field is absent."""
         if self.first("X-Envelope-To-Blocked") is None:
             return self.recipients
-        blocked = split_addresses(" ".join(self.all("X-Envelope-To-Blocked")))
+        blocked = split_addresses(",".join(self.all("X-Envelope-To-Blocked")))
         return blocked or self.recipients
 
     @property
@@ -110,13 +113,20 @@ class QuarantineFile:
 
 
 def split_addresses(value: str) -> list[str]:
-    """`<a@x>, <b@y>` (folded or not) to `["a@x", "b@y"]`; an empty `<>` is dropped."""
+    """`<a@x>, <b@y>` (folded or not) to `["a@x", "b@y"]`; an empty `<>` is dropped. Within
+    angle brackets a comma is part of the address (`<"smith,john"@x>`); a list without
+    brackets is split at its commas."""
+    if "<" in value:
+        return [addr.strip() for addr in _BRACKETED.findall(value) if addr.strip()]
     out = []
     for part in value.split(","):
         addr = _strip_brackets(part)
         if addr:
             out.append(addr)
     return out
+
+
+_BRACKETED = re.compile(r"<([^<>]*)>")
 
 
 def _strip_brackets(value: str) -> str:
@@ -215,9 +225,49 @@ def build_envelope_block(
     for name, value in findings:
         if not _ENVELOPE_FIELD_RE.match(name.encode("ascii", "replace")):
             raise StoreError(f"{name} is not a quarantine header field")
-        clean = " ".join(value.replace("\0", " ").split())
-        lines.append(f"{name}: {clean}\n".encode())
+        lines.append(_fold(name, value.replace("\0", " ")))
     return b"".join(lines)
+
+
+def _fold(name: str, value: str) -> bytes:
+    """`name: value` folded at white space into lines of at most 78 characters where it
+    can be (RFC 5322 2.1.1, as amavisd-new folds); a word too long for any line is cut."""
+    lines = [f"{name}:"]
+    for number, word in enumerate(value.split()):
+        for start in range(0, len(word), _PIECE):
+            piece = word[start : start + _PIECE]
+            if number == start == 0 or len(lines[-1]) + 1 + len(piece) <= _SOFT_LIMIT:
+                lines[-1] += " " + piece
+            else:
+                lines.append(" " + piece)
+    return ("\n".join(lines) + "\n").encode()
+
+
+_SOFT_LIMIT = 78
+# The longest piece of one word on a line: well within the 998 octets a line may have.
+_PIECE = 900
+
+
+def received_field(mail_id: str, *, host: str = "localhost") -> bytes:
+    """A Received field for the end of the block when the writer gave none and one is
+    needed (amavisd-new always writes one there, spec 1.5 item 8)."""
+    from email.utils import formatdate
+
+    return (
+        f"Received: by {host} (spamviewer) with ESMTP id {mail_id};\n"
+        f" {formatdate(localtime=False)}\n"
+    ).encode()
+
+
+def starts_with_received(message: bytes) -> bool:
+    return message[:9].lower() == b"received:"
+
+
+def _read_as_envelope_field(message: bytes) -> bool:
+    """Whether the message's first line would be read as a field of the block before it
+    (a message of its own starting with X-Envelope-To, say)."""
+    colon = message.find(b":", 0, 80)
+    return colon > 0 and bool(_ENVELOPE_FIELD_RE.match(message[:colon].strip()))
 
 
 def to_lf(message: bytes) -> bytes:
@@ -288,17 +338,30 @@ class FileStore:
             blocked=blocked,
             findings=findings,
         )
-        payload = block + to_lf(message)
+        message = to_lf(message)
+        if _read_as_envelope_field(message):
+            # The block must end before the message, or its own first lines would be
+            # read as envelope fields: a Received field ends it, as amavisd-new's does
+            # (the filter worker always gives its own).
+            block += received_field(mail_id)
+        payload = block + message
         if final.name.endswith(".gz"):
             payload = gzip.compress(payload, compresslevel=6, mtime=0)
         directory = final.parent
+        linked = False
         try:
-            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+                # Whatever the umask: the store's group (the viewer) reads it.
+                os.chmod(directory, 0o750)  # noqa: S103 - the group's reading (spec 1.3)
+                # The new directory's own entry, in its parent, is made durable too.
+                fsync_directory(directory.parent)
             if final.exists():
                 raise StoreError(f"{final}: a quarantine file with this id exists already")
             tmp = directory / f".tmp-{final.name}-{secrets.token_hex(6)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
+                os.fchmod(fd, 0o640)
                 view = memoryview(payload)
                 while view:
                     written = os.write(fd, view)
@@ -309,12 +372,20 @@ class FileStore:
             # link() fails if the name exists, so a file is never overwritten.
             try:
                 os.link(tmp, final)
+                linked = True
             finally:
                 os.unlink(tmp)
             fsync_directory(directory)
-        except StoreError:
-            raise
-        except OSError as exc:
+        except (StoreError, OSError) as exc:
+            if linked:
+                # Not durable, and the client hears a 4xx and sends it again: the file
+                # goes, or the indexer would show it beside the copy to come.
+                try:
+                    os.unlink(final)
+                except OSError:
+                    log.exception("cannot remove %s after a failed write", final)
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"{final}: cannot write quarantine file ({exc.strerror})") from exc
         return key
 

@@ -46,7 +46,10 @@ def test_discarded_message_is_on_disk_and_indexed_before_the_250(
     assert message.subject == "held"
     assert list(message.recipients.values_list("address", flat=True)) == ["alice@example.test"]
     stored = store.load(message.storage_key)
-    assert stored.message == MESSAGE.replace(b"\r\n", b"\n")
+    # As amavisd-new keeps it: the worker's Received field, then the message as it came.
+    received, _, original = stored.message.partition(b"\nFrom: ")
+    assert received.startswith(b"Received: from client.test ([127.0.0.1])\n\tby ")
+    assert b"From: " + original == MESSAGE.replace(b"\r\n", b"\n")
     assert stored.sender == "a@remote.example"
 
 
