@@ -2,7 +2,9 @@
 
 Every function here returns plain `str` and never raises on bad input: encoded words in
 any charset (unknown ones fall back to latin-1), raw 8-bit bytes (UTF-8, else latin-1),
-broken encodings replaced. Control characters, line breaks and bidirectional overrides are
+broken encodings replaced. Lone surrogates (U+D800..U+DFFF), which some charsets (UTF-7,
+unicode_escape) produce from hostile bytes and which neither a UTF-8 page nor PostgreSQL
+can carry, become U+FFFD. Control characters, line breaks and bidirectional overrides are
 made visible (`\\r`, `<U+202E>`) so that a decoded Subject can never start a new header
 line or reorder what a person reads.
 """
@@ -20,13 +22,34 @@ MAX_HEADER_CHARS = 8192
 MAX_ADDRESSES = 200
 
 _ENCODED_WORD_RE = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+# Lone surrogates are listed too: text that reaches a page without passing through
+# replace_surrogates still cannot carry one there.
 _CONTROL_RE = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff\r\n\t]"
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+    "\ud800-\udfff\r\n\t]"
 )
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (U+D800..U+DFFF) replaced by U+FFFD.
+
+    Codecs such as UTF-7, unicode_escape and raw_unicode_escape decode crafted bytes to
+    lone surrogates, even with errors="replace"; such a `str` cannot be encoded as UTF-8.
+    ASCII text is returned at once, other text after one UTF-8 encode in C; only text that
+    holds a surrogate is searched."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE_RE.sub("\ufffd", text)
+    return text
 
 
 def make_visible(text: str) -> str:
-    """Control, line-break and bidi characters as visible escapes; tabs as spaces."""
+    """Control, line-break, bidi and lone surrogate characters as visible escapes; tabs as
+    spaces."""
 
     def repl(match: re.Match[str]) -> str:
         ch = match.group(0)
@@ -46,11 +69,11 @@ def _decode_bytes(raw: bytes, charset: str | None) -> str:
         charset = charset.split("*", 1)[0].strip().lower()  # RFC 2231 language suffix
         try:
             codecs.lookup(charset)
-        except LookupError:
+        except (LookupError, ValueError):  # ValueError: a NUL in the name
             charset = None
     if charset and charset not in ("unknown-8bit", "x-unknown"):
         try:
-            return raw.decode(charset, "replace")
+            return replace_surrogates(raw.decode(charset, "replace"))
         except (LookupError, ValueError):
             pass
     try:

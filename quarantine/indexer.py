@@ -7,7 +7,8 @@ message are parsed, never the body. New rows are inserted in batches, so that a 
 of 100,000 files is indexed in one pass of a few seconds of database time.
 
 A file that cannot be read (bad gzip, garbage, a quarantine name without a quarantine
-header) is reported by name and the run goes on: one broken file never hides the others.
+header) or whose values the database refuses is reported by name and the run goes on: one
+broken file never hides the others.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from email.policy import compat32
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from django.db import IntegrityError, transaction
+from django.db import DataError, IntegrityError, transaction
 
 from quarantine.headers import display_value, format_addresses, make_visible
 from quarantine.models import Message, Recipient
@@ -70,6 +71,9 @@ _ALERTS = (
     ("BAD HEADER SECTION,", "bad header"),
 )
 _BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
+# Values of one file that the database refuses (DataError: a NUL, a value out of range) or
+# that cannot be encoded for it (UnicodeError: a lone surrogate): that file is unreadable.
+_REFUSED_VALUES = (DataError, UnicodeError)
 
 
 class UnreadableFile(StoreError):
@@ -335,8 +339,8 @@ def _valid_mail_id(value: str | None) -> str | None:
 def index_file(store: FileStore, key: str, st: os.stat_result | None = None) -> Message:
     """Index one file now (insert or refresh its rows) and return its saved Message.
 
-    Raises SkippedFile, UnreadableFile, or StoreError when its mail_id is indexed already
-    from another file."""
+    Raises SkippedFile, UnreadableFile (also when the database refuses its values), or
+    StoreError when its mail_id is indexed already from another file."""
     if st is None:
         try:
             st = store.stat(key)
@@ -356,6 +360,8 @@ def index_file(store: FileStore, key: str, st: os.stat_result | None = None) -> 
                 _update(row_id, parsed)
     except IntegrityError as exc:
         raise StoreError(_conflict_text(parsed, exc)) from exc
+    except _REFUSED_VALUES as exc:
+        raise UnreadableFile(_refused_text(parsed, exc)) from exc
     return Message.objects.get(origin=str(store.root), storage_key=key)
 
 
@@ -415,6 +421,11 @@ def _conflict_text(parsed: ParsedFile, exc: Exception | None = None) -> str:
     return f"{where}: not indexed ({exc})"
 
 
+def _refused_text(parsed: ParsedFile, exc: Exception) -> str:
+    message = parsed.message
+    return f"{message.origin}/{message.storage_key}: not indexed, values refused ({exc})"
+
+
 # A whole directory ---------------------------------------------------------------------
 
 
@@ -467,6 +478,12 @@ def index_directory(root: str | Path, *, progress: ProgressCallback | None = Non
             except StoreError as exc:
                 summary.unreadable += 1
                 summary.errors.append(str(exc))
+            except Exception as exc:
+                # Whatever a crafted file makes the parse raise, the run goes on: the
+                # file is reported (with the trace in the log) and the others indexed.
+                log.exception("cannot parse %s", store.path(key))
+                summary.unreadable += 1
+                summary.errors.append(f"{store.path(key)}: cannot parse ({exc!r:.200})")
             else:
                 if row is None:
                     pending.append(parsed)
@@ -491,6 +508,9 @@ def _update_changed(row_id: int, parsed: ParsedFile, summary: IndexSummary) -> N
     except IntegrityError as exc:
         summary.skipped += 1
         summary.errors.append(_conflict_text(parsed, exc))
+    except _REFUSED_VALUES as exc:
+        summary.unreadable += 1
+        summary.errors.append(_refused_text(parsed, exc))
     else:
         summary.updated += 1
 
@@ -499,8 +519,9 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
     """Insert new rows: one query to find mail_id clashes, then two bulk inserts.
 
     A clash found only at insert time (another indexer or the filter inserted the same
-    mail_id meanwhile) sends the batch through row-by-row inserts, each in its own
-    savepoint, so that one clash does not lose the batch.
+    mail_id meanwhile), or a value the database refuses, sends the batch through row-by-row
+    inserts, each in its own savepoint, so that one file does not lose the batch: a clash
+    is counted as skipped, a refused value as unreadable.
     """
     taken = {
         mail_id: (origin, key)
@@ -541,7 +562,7 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
             )
         summary.new += len(batch)
         return
-    except IntegrityError:
+    except (IntegrityError, *_REFUSED_VALUES):
         pass
     for parsed in batch:
         parsed.message.pk = None
@@ -559,6 +580,9 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
             else:
                 summary.skipped += 1
                 summary.errors.append(_conflict_text(parsed, exc))
+        except _REFUSED_VALUES as exc:
+            summary.unreadable += 1
+            summary.errors.append(_refused_text(parsed, exc))
         else:
             summary.new += 1
 

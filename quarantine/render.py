@@ -21,7 +21,12 @@ from email import policy
 from email.message import Message as EmailMessage
 from email.utils import collapse_rfc2231_value
 
-from quarantine.headers import display_value, format_addresses, make_visible
+from quarantine.headers import (
+    display_value,
+    format_addresses,
+    make_visible,
+    replace_surrogates,
+)
 
 MAX_BODY_CHARS = 200_000
 MAX_PARTS = 500
@@ -34,10 +39,11 @@ MAX_HTML_CHARS = 4 * MAX_BODY_CHARS
 SHOWN_HEADERS = ("From", "To", "Cc", "Subject", "Date")
 _ADDRESS_HEADERS = {"from", "to", "cc"}
 
-# Controls and bidi overrides in a body: made visible like in headers, but line breaks and
-# tabs are the text's own layout and stay.
+# Controls, bidi overrides and lone surrogates in a body: made visible like in headers, but
+# line breaks and tabs are the text's own layout and stay.
 _BODY_CONTROL_RE = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]"
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+    "\ud800-\udfff]"
 )
 
 
@@ -104,8 +110,13 @@ def _shown_headers(msg: EmailMessage) -> list[tuple[str, str]]:
 
 def _raw_header(value: object) -> bytes:
     # Undecodable 8-bit header bytes arrive as surrogate escapes; hand the bytes on so
-    # that they are decoded (UTF-8, else latin-1) rather than reaching a template.
-    return str(value).encode("utf-8", "surrogateescape")
+    # that they are decoded (UTF-8, else latin-1) rather than reaching a template. A
+    # surrogate that is no such escape cannot be turned into a byte and becomes U+FFFD.
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return replace_surrogates(text).encode("utf-8")
 
 
 def _walk(
@@ -129,7 +140,8 @@ def _walk(
                 _walk(child, out, plain, htmls, depth=depth + 1, counter=counter)
         return
     names = attachment_names(part)
-    disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+    # str(): compat32 gives a Header object, not a str, for a field with 8-bit bytes.
+    disposition = str(part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
     is_body = (
         not names
         and disposition != "attachment"
@@ -168,13 +180,25 @@ def attachment_names(part: EmailMessage) -> list[str]:
             if pname.lower() != key:
                 continue
             if isinstance(pvalue, tuple):
-                value = collapse_rfc2231_value(pvalue, errors="replace", fallback_charset="utf-8")
+                value = _rfc2231_text(pvalue)
             else:
                 value = pvalue
             shown = display_value(_raw_header(value), limit=300)
             if shown and shown not in names:
                 names.append(shown)
     return names
+
+
+def _rfc2231_text(value: tuple) -> str:
+    """An RFC 2231 parameter value decoded in the charset it names; in UTF-8 where it names
+    none or one that no codec lookup accepts."""
+    try:
+        text = collapse_rfc2231_value(value, errors="replace", fallback_charset="utf-8")
+    except ValueError:  # a charset name with a NUL in it
+        text = collapse_rfc2231_value(
+            (None, None, str(value[-1])), errors="replace", fallback_charset="utf-8"
+        )
+    return replace_surrogates(text)
 
 
 def _payload_bytes(part: EmailMessage) -> bytes:
@@ -197,13 +221,13 @@ def _decode_text(part: EmailMessage) -> str:
     charset = part.get_content_charset() or "us-ascii"
     try:
         codecs.lookup(charset)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         charset = "utf-8"
     try:
         text = payload.decode(charset, "replace")
     except Exception:  # noqa: BLE001 - some codecs raise their own errors on bad input
         text = payload.decode("utf-8", "replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return replace_surrogates(text).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _visible_body(text: str) -> str:

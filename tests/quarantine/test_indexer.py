@@ -317,6 +317,33 @@ def test_broken_files_are_reported_by_name_and_the_run_goes_on(tmp_path):
     assert (again.new, again.unreadable, again.unchanged) == (1, 4, 4)
 
 
+def test_a_file_whose_parse_fails_unexpectedly_is_reported_and_the_run_goes_on(
+    tmp_path, monkeypatch
+):
+    """Whatever error one file's parse raises, the run indexes the others and reports
+    that file by name: one file never hides the rest of the quarantine."""
+    root = tmp_path / "q"
+    root.mkdir()
+    for mail_id in ("first0001abc", "odd00001abcd", "third0001abc"):
+        (root / f"spam-{mail_id}").write_bytes(quarantine_file(mail_id))
+    real = indexer._read_head
+
+    def read_head(store, key):
+        if "odd0" in key:
+            raise RuntimeError("an error no file should cause")
+        return real(store, key)
+
+    monkeypatch.setattr(indexer, "_read_head", read_head)
+
+    summary = index_directory(root)
+
+    assert (summary.new, summary.unreadable) == (2, 1)
+    assert [e for e in summary.errors if "spam-odd00001abcd" in e and "no file" in e]
+    assert sorted(Message.objects.values_list("mail_id", flat=True)) == [
+        "first0001abc", "third0001abc"
+    ]
+
+
 def test_same_mail_id_in_a_second_directory_is_reported_naming_both_files(tmp_path):
     first = copy_samples(tmp_path, "amavis")
     second = tmp_path / "second"
