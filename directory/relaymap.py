@@ -6,7 +6,9 @@ Where the keys come from:
 - the addresses the directory sync found on objects that are not viewer users (groups,
   contacts, public folders, addresses two directory objects claim), kept by the sync in a
   side file, RELAY_MAP_DIRECTORY_EXTRA, one address per line, so that `writerelaymap` can
-  rebuild the same map without asking the directory again;
+  rebuild the same map without asking the directory again (the sync replaces the side file
+  and the map under one lock, the side file first, and puts the side file back when the
+  map cannot be replaced);
 - the static file RELAY_MAP_EXTRA kept by the administrator (`key [value]` lines, `#`
   comments; the only place where an `@domain` catch-all may come from).
 
@@ -133,7 +135,10 @@ def read_address_file(path: Path | str | None) -> list[str]:
 
 
 def write_address_file(path: Path, addresses: Iterable[str]) -> None:
-    """Write one address per line, atomically (the sync's side file)."""
+    """Write one address per line, atomically, in the side file's format.
+
+    It takes no lock: the sync replaces its side file together with the map, under the
+    map's lock (write_relay_map_locked)."""
     _atomic_write(path, "".join(f"{a}\n" for a in sorted(set(addresses))))
 
 
@@ -186,24 +191,53 @@ def check_size(new_count: int, *, force: bool = False, path: Path | None = None)
     return current
 
 
+def map_lock() -> contextlib.AbstractContextManager[None]:
+    """The lock every writer of the map and of the side file holds, waiting up to
+    RELAY_MAP_LOCK_TIMEOUT seconds, else RelayMapBusy."""
+    path = Path(settings.RELAY_MAP_PATH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(path.with_name(path.name + ".lock"),
+                          timeout=settings.RELAY_MAP_LOCK_TIMEOUT,
+                          busy=RelayMapBusy(f"another process is writing {path}"))
+
+
 def write_relay_map(
     *, force: bool = False, directory_extra: Iterable[str] | None = None
 ) -> RelayMapResult:
     """Rebuild the map from the database and the extras files and put it in place.
 
     Raises RelayMapError (and leaves the current map and its database alone) when the new
-    map would be empty or too small without `force`, when postmap fails, or when another
-    writer holds the lock for longer than RELAY_MAP_LOCK_TIMEOUT seconds.
+    map would be empty or too small without `force`, when postmap fails or cannot be run,
+    or when another writer holds the lock for longer than RELAY_MAP_LOCK_TIMEOUT seconds.
+    """
+    with map_lock():
+        return write_relay_map_locked(force=force, directory_extra=directory_extra)
+
+
+def write_relay_map_locked(
+    *, force: bool = False, directory_extra: Iterable[str] | None = None,
+    replace_side_file: bool = False,
+) -> RelayMapResult:
+    """write_relay_map for a caller that already holds map_lock().
+
+    With `replace_side_file`, `directory_extra` also becomes the content of the side file
+    RELAY_MAP_DIRECTORY_EXTRA: the side file is replaced first, then the map; when the map
+    cannot be replaced, the previous side file is put back, so that the two never disagree.
     """
     path = Path(settings.RELAY_MAP_PATH)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    with exclusive_lock(lock, timeout=settings.RELAY_MAP_LOCK_TIMEOUT,
-                        busy=RelayMapBusy(f"another process is writing {path}")):
-        keys, rejected = collect_keys(directory_extra=directory_extra)
-        previous = check_size(len(keys), force=force, path=path)
-        content = "".join(f"{key} OK\n" for key in keys)
-        postmap_type = _postmap_type()
+    if directory_extra is not None:
+        directory_extra = sorted(set(directory_extra))
+    keys, rejected = collect_keys(directory_extra=directory_extra)
+    previous = check_size(len(keys), force=force, path=path)
+    content = "".join(f"{key} OK\n" for key in keys)
+    postmap_type = _postmap_type()
+    with contextlib.ExitStack() as stack:
+        if replace_side_file:
+            if directory_extra is None:
+                raise ValueError("replace_side_file needs directory_extra")
+            stack.enter_context(_side_file_replaced(
+                Path(settings.RELAY_MAP_DIRECTORY_EXTRA), directory_extra))
         _replace_map(path, content, postmap_type)
     result = RelayMapResult(path=path, count=len(keys), previous_count=previous,
                             rejected=rejected, postmap_type=postmap_type)
@@ -211,14 +245,47 @@ def write_relay_map(
     return result
 
 
+@contextlib.contextmanager
+def _side_file_replaced(path: Path, addresses: Iterable[str]) -> Iterator[None]:
+    """Replace the side file; put the previous one back (or remove the new one when there
+    was none) when the block raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = path.with_name(f".{path.name}.kept")
+    with contextlib.suppress(FileNotFoundError):
+        kept.unlink()
+    try:
+        os.link(path, kept)
+        existed = True
+    except FileNotFoundError:
+        existed = False
+    try:
+        _atomic_write(path, "".join(f"{a}\n" for a in sorted(set(addresses))))
+        yield
+    except BaseException:
+        if existed:
+            os.replace(kept, path)
+        else:
+            path.unlink(missing_ok=True)
+        fsync_directory(path.parent)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            kept.unlink()
+
+
 def _postmap_type() -> str | None:
+    """The postmap type to build, None for a map Postfix reads as text (texthash, none).
+
+    Raises PostmapFailed when the type needs postmap and the command cannot be found:
+    replacing the text alone would leave Postfix reading the previous database."""
     kind = settings.RELAY_MAP_POSTMAP
     if kind not in POSTMAP_SUFFIXES:
         return None
     if shutil.which(settings.RELAY_MAP_POSTMAP_COMMAND) is None:
-        log.warning("relay map: %s not found, %s:%s not rebuilt",
-                    settings.RELAY_MAP_POSTMAP_COMMAND, kind, settings.RELAY_MAP_PATH)
-        return None
+        raise PostmapFailed(
+            f"{settings.RELAY_MAP_POSTMAP_COMMAND} not found: {kind}:{settings.RELAY_MAP_PATH} "
+            "cannot be rebuilt; the previous map is kept (install Postfix where the map is "
+            "written, or set RELAY_MAP_POSTMAP=texthash for a map Postfix reads as text)")
     return kind
 
 

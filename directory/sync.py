@@ -18,6 +18,12 @@ What it makes of them:
   relay map (kept in the side file RELAY_MAP_DIRECTORY_EXTRA);
 - an address claimed by two directory objects is reported and given to neither user; it
   stays in the relay map because the directory says it is deliverable;
+- a person that cannot be given a viewer user (its primary address is the name of a local
+  user, or too long for a user name) is reported; its addresses stay in the relay map
+  (side file) all the same, since the mailbox receives mail;
+- a directory user whose object is gone is taken over by a new object with the same
+  primary address (an account deleted and created again): its identity follows the new
+  object. Local users and vadmin are never taken over;
 - users whose object is gone are disabled (default) or deleted (`clear`).
 
 The default run adds and updates what comes from the directory and leaves local edits
@@ -27,13 +33,19 @@ are deleted, and an address the directory gives to a person is taken from whoeve
 it locally. Local users themselves are kept.
 
 Nothing changes when the directory cannot be read completely, when it returns no
-mail-enabled object at all, or when the relay map would shrink below
-RELAY_MAP_MIN_RATIO of the current one (unless forced): the database changes are rolled
-back and the current map stays in place.
+mail-enabled object at all, when the relay map would shrink below RELAY_MAP_MIN_RATIO of
+the current one (unless forced), or when the map cannot be written (postmap fails, another
+writer holds its lock): the database changes are rolled back and the current map and side
+file stay in place. The side file and the map are written inside the database transaction,
+under the map's lock, which is held until the commit.
+
+A log-in (user_for_login) may make the user of an object while the sync runs: the sync
+then updates that user instead of making a second one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -41,7 +53,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from directory import relaymap
 from directory.ldap import Connection, DirectoryConfig, DirectoryError, connect
@@ -252,22 +264,48 @@ def sync_directory(
             cfg = config or DirectoryConfig.from_settings()
             raise DirectoryEmpty(cfg.server, "the directory returned no mail-enabled object "
                                  "under " + "; ".join(cfg.base_dns) + "; nothing changed")
-        with transaction.atomic():
-            extras = _apply(objects, summary, clear=clear, progress=progress)
-            keys, _ = relaymap.collect_keys(directory_extra=extras)
-            summary.map_count = len(keys)
-            # Inside the transaction: a refusal rolls every change back.
-            relaymap.check_size(len(keys), force=force)
-            if dry_run:
-                transaction.set_rollback(True)
-        if not dry_run:
-            result = relaymap.write_relay_map(force=force, directory_extra=extras)
-            relaymap.write_address_file(settings.RELAY_MAP_DIRECTORY_EXTRA, extras)
-            summary.map_count = result.count
+        with contextlib.ExitStack() as map_locked:
+            previous_extras: list[str] | None = None
+            try:
+                with transaction.atomic():
+                    extras = _apply(objects, summary, clear=clear, progress=progress)
+                    keys, _ = relaymap.collect_keys(directory_extra=extras)
+                    summary.map_count = len(keys)
+                    # Inside the transaction: a refusal rolls every change back.
+                    relaymap.check_size(len(keys), force=force)
+                    if dry_run:
+                        transaction.set_rollback(True)
+                    else:
+                        # The side file and the map are written inside the transaction
+                        # (a failure rolls the database back) and under the map's lock,
+                        # which is held until the commit, so that no other writer
+                        # rebuilds the map from a database the sync has not committed.
+                        map_locked.enter_context(relaymap.map_lock())
+                        before = relaymap.read_address_file(
+                            settings.RELAY_MAP_DIRECTORY_EXTRA)
+                        result = relaymap.write_relay_map_locked(
+                            force=force, directory_extra=extras, replace_side_file=True)
+                        previous_extras = before
+                        summary.map_count = result.count
+            except Exception:
+                if previous_extras is not None:
+                    _restore_map(previous_extras)
+                raise
     for conflict in summary.conflicts:
         log.warning("directory sync: %s", conflict)
     log.info("directory sync: %s", summary)
     return summary
+
+
+def _restore_map(extras: list[str]) -> None:
+    """After a commit that failed once the map was replaced: the map and the side file of
+    the database as it still is (the map's lock is held)."""
+    try:
+        relaymap.write_relay_map_locked(force=True, directory_extra=extras,
+                                        replace_side_file=True)
+    except Exception:
+        log.exception("directory sync: the commit failed and the relay map could not be "
+                      "rebuilt from the database; run writerelaymap")
 
 
 def _claims(objects: list[DirectoryObject]) -> dict[str, set[str]]:
@@ -305,6 +343,12 @@ def _apply(objects: list[DirectoryObject], summary: SyncSummary, *, clear: bool,
             if address not in contested:
                 wanted[address] = user.pk
 
+    for obj in people:
+        # An enabled mailbox the sync could not give a viewer user (a name clash with a
+        # local user, an address too long for a user name) still receives mail.
+        if obj.key not in owners and obj.receives_mail:
+            extras.update(a for a in obj.addresses if a not in contested)
+
     seen = {user.pk for user in owners.values()}
     _retire_vanished(seen, summary, clear=clear)
     _apply_addresses(wanted, summary, clear=clear)
@@ -320,6 +364,15 @@ def _users_for(people: list[DirectoryObject], summary: SyncSummary,
     }
     by_dn = {i.dn.lower(): i for i in identities.values()}
     taken = {u.lower(): pk for u, pk in User.objects.values_list("username", "pk")}
+
+    def identity_of(obj: DirectoryObject) -> DirectoryIdentity | None:
+        return identities.get(obj.key) or (
+            by_dn.get(obj.dn.lower()) if obj.guid is None else None)
+
+    found = {identity.pk for identity in map(identity_of, people) if identity is not None}
+    # Directory users whose object is gone, by user: a new object with the same primary
+    # address (an account deleted and created again) takes one over.
+    vanished = {i.user_id: i for i in identities.values() if i.pk not in found}
     owners: dict[str, User] = {}
     for done, obj in enumerate(people, 1):
         if progress:
@@ -331,15 +384,58 @@ def _users_for(people: list[DirectoryObject], summary: SyncSummary,
             summary.conflicts.append(f"{obj.dn}: {obj.primary[:60]}... is too long for a "
                                      "user name; skipped")
             continue
-        identity = identities.get(obj.key) or (
-            by_dn.get(obj.dn.lower()) if obj.guid is None else None)
+        identity = identity_of(obj)
         if identity is None:
-            user = _create_user(obj, taken, summary)
+            identity = _take_over(vanished, taken.get(obj.primary), obj)
+        if identity is None:
+            user = _create_or_update_user(obj, taken, summary)
         else:
             user = _update_user(identity, obj, taken, summary)
         if user is not None:
             owners[obj.key] = user
     return owners
+
+
+def _take_over(vanished: dict[int, DirectoryIdentity], user_pk: int | None,
+               obj: DirectoryObject) -> DirectoryIdentity | None:
+    """The identity of the vanished directory user named like `obj`'s primary address,
+    now pointing at `obj`; None when there is none (local users and vadmin never are)."""
+    identity = vanished.pop(user_pk, None) if user_pk is not None else None
+    if identity is None:
+        return None
+    user = identity.user
+    if user.is_superuser or user.username == settings.VADMIN_USERNAME:
+        return None
+    log.info("directory sync: %s (was %s) takes over the user %s", obj.dn, identity.dn,
+             user.username)
+    identity.guid = obj.guid
+    identity.dn = obj.dn
+    identity.save(update_fields=["guid", "dn", "synced_at"])
+    return identity
+
+
+def _create_or_update_user(obj: DirectoryObject, taken: dict[str, int],
+                           summary: SyncSummary) -> User | None:
+    """A new user for `obj`; when a log-in has just made one for the same object (the
+    insert clashes), that one, updated."""
+    try:
+        with transaction.atomic():
+            return _create_user(obj, taken, summary)
+    except IntegrityError:
+        identity = _identity_of(obj)
+        if identity is None:
+            summary.conflicts.append(
+                f"{obj.dn}: a user named {obj.primary} was made meanwhile; not synced")
+            return None
+        taken[identity.user.username.lower()] = identity.user_id
+        return _update_user(identity, obj, taken, summary)
+
+
+def _identity_of(obj: DirectoryObject) -> DirectoryIdentity | None:
+    identities = DirectoryIdentity.objects.select_related("user")
+    if obj.guid:
+        return identities.filter(guid=obj.guid).first()
+    return identities.filter(dn=obj.dn).first()
 
 
 def _create_user(obj: DirectoryObject, taken: dict[str, int],
@@ -458,7 +554,7 @@ def user_for_login(dn: str, attrs: dict[str, list[bytes]]) -> User | None:
                 username__iexact=obj.primary).values_list("username", "pk")
         }
         if identity is None:
-            user = _create_user(obj, taken, summary)
+            user = _create_or_update_user(obj, taken, summary)
         else:
             user = _update_user(identity, obj, taken, summary)
         if user is not None:

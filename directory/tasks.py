@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from django.db import IntegrityError
 
 from directory.ldap import DirectoryError
 from directory.relaymap import RelayMapError
@@ -25,7 +26,9 @@ def sync_directory_task(clear: bool = False) -> str:
     except SyncBusy as exc:
         log.info("directory sync skipped: %s", exc)
         return f"skipped: {exc}"
-    except (DirectoryError, RelayMapError) as exc:
-        # Nothing changed; say so loudly in the worker's log and in the result.
+    except (DirectoryError, RelayMapError, IntegrityError) as exc:
+        # Nothing changed (an IntegrityError is a clash with a concurrent writer that the
+        # sync could not settle: its transaction was rolled back); say so loudly in the
+        # worker's log and in the result.
         log.error("directory sync failed, nothing changed: %s", exc)
         return f"failed, nothing changed: {exc}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import IntegrityError
 
 from directory.ldap import DirectoryError
 from directory.relaymap import RelayMapError
@@ -31,7 +32,7 @@ class Command(BaseCommand):
         try:
             summary = sync_directory(clear=clear, dry_run=dry_run, force=force,
                                      progress=progress)
-        except (DirectoryError, RelayMapError, SyncBusy) as exc:
+        except (DirectoryError, RelayMapError, SyncBusy, IntegrityError) as exc:
             raise CommandError(f"directory sync failed, nothing changed: {exc}") from exc
         finally:
             for bar in bars.values():
