@@ -225,22 +225,23 @@ def test_a_base_dn_that_is_a_referral_fails_the_sync_without_changes(settings, d
     assert settings.RELAY_MAP_PATH.read_bytes() == before
 
 
-def test_a_page_size_above_the_server_limit_still_reads_everything(settings, directory):
-    """LDAP_PAGE_SIZE above AD's MaxPageSize must not make the sync stop at 1000."""
-    from tests.directory.slapd import BIG_OU, big_ldif_expected
+def test_a_page_size_above_the_server_limit_is_a_clear_error_and_writes_no_map(
+    settings, directory
+):
+    """LDAP_PAGE_SIZE above the server's page size limit: the server refuses the search
+    (administrative limit), and the sync says so and writes no map, rather than taking
+    the first page for the whole directory."""
+    from directory.ldap import DirectoryIncomplete
+    from tests.directory.slapd import BIG_OU
+
     settings.LDAP_BASE_DN = [BIG_OU]
     settings.LDAP_PAGE_SIZE = 5000
-    expected = big_ldif_expected()
 
-    try:
+    with pytest.raises(DirectoryIncomplete, match="limit"):
         sync_directory()
-    except DirectoryError as exc:
-        print("page size refused:", exc)
-        assert not settings.RELAY_MAP_PATH.exists()
-        return
-    print("page size accepted")
-    assert User.objects.count() == len(
-        expected["users"] | expected["disabled"] | expected["shared"])
+
+    assert not settings.RELAY_MAP_PATH.exists()
+    assert User.objects.count() == 0
 
 
 @pytest.mark.django_db(transaction=True)
