@@ -565,10 +565,16 @@ def user_for_login(dn: str, attrs: dict[str, list[bytes]]) -> User | None:
 
 
 def _refresh_addresses(user: User, obj: DirectoryObject) -> None:
-    """Give the user the directory's addresses that nobody else holds; drop the ldap ones
-    the directory no longer lists. The full sync settles contested addresses."""
+    """Give the user the directory's addresses that nobody else holds and the last sync
+    gave to no user (its side file lists those of groups, contacts and public folders and
+    the contested ones); drop the ldap ones the directory no longer lists. The full sync
+    settles the rest."""
     wanted = set(obj.addresses) if obj.receives_mail else set()
     held = dict(Address.objects.filter(address__in=wanted).values_list("address", "user_id"))
+    if wanted:
+        for address in relaymap.read_address_file(settings.RELAY_MAP_DIRECTORY_EXTRA):
+            if address in wanted:
+                held.setdefault(address, None)
     Address.objects.filter(user=user, source=Address.SOURCE_LDAP).exclude(
         address__in=wanted).delete()
     Address.objects.bulk_create([

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -47,11 +48,12 @@ class Attempt:
 
 
 def account_key(username: str) -> str:
-    """The key attempts at one account are counted under: the typed name trimmed,
+    """The key attempts at one account are counted under: the typed name in NFKC form (as
+    the login form normalises it before authenticating, so `ａlice` is `alice`), trimmed,
     case-folded and without a `DOMAIN\\` prefix that names our domain, hashed."""
     from directory.auth import account_name
 
-    name = account_name(username.strip()).strip().casefold()
+    name = account_name(unicodedata.normalize("NFKC", username).strip()).strip().casefold()
     return hashlib.sha256(name.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 

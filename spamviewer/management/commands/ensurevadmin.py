@@ -2,7 +2,9 @@ import secrets
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
 
 from spamviewer.env import env_secret
 
@@ -23,6 +25,14 @@ class Command(BaseCommand):
         generated = not password
         if generated:
             password = secrets.token_urlsafe(12)
+        else:
+            # The password policy every other password here meets.
+            try:
+                validate_password(password, User(username=name))
+            except ValidationError as exc:
+                raise CommandError(
+                    "VADMIN_PASSWORD is refused: " + " ".join(exc.messages)
+                ) from exc
         User.objects.create_superuser(username=name, email="", password=password)
         if generated:
             self.stdout.write(
