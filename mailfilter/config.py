@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +24,20 @@ VIRUS_SCAN_FAIL_POLICIES = ("tempfail", "pass-with-header", "quarantine")
 
 class ConfigError(ValueError):
     """A FILTER_* variable holds a value the worker cannot use; the message names it."""
+
+
+# Every FILTER_* variable there is (runfilter reads FILTER_USER and FILTER_PID_FILE itself):
+# any other is a typo, refused rather than ignored.
+KNOWN_VARIABLES = frozenset("FILTER_" + name for name in (
+    "BANNER", "BARE_LF", "CHECK_TIMEOUT", "COMMAND_TIMEOUT", "DATA_TIMEOUT",
+    "DEFAULT_PROFILE", "DNS_SERVERS", "DNS_TIMEOUT", "HOSTNAME", "LISTEN", "LMTP",
+    "MAX_BACKENDS", "MAX_CLIENTS", "MAX_COMMANDS", "MAX_HEADER_COUNT", "MAX_LINE_LENGTH",
+    "MAX_MESSAGE_SIZE", "MAX_PER_IP", "MAX_RECIPIENTS", "METRICS_LISTEN", "MIN_DATA_RATE",
+    "MODE", "NEXT_HOP", "NEXT_HOP_LMTP", "PID_FILE", "PROCESSES", "RELAY_COMMAND_TIMEOUT",
+    "RELAY_CONNECT_TIMEOUT", "RELAY_DATA_TIMEOUT", "RELAY_DOMAINS", "RELAY_IDLE_TIMEOUT",
+    "RELAY_IPS", "RELAY_MAP", "RELAY_PROFILE", "SPECIAL_USERS", "TLS_CERT", "TLS_KEY",
+    "USER", "XFORWARD_HOSTS",
+))
 
 
 @dataclass(frozen=True)
@@ -120,24 +135,12 @@ class FilterConfig:
             raise ConfigError(
                 f"FILTER_BARE_LF={self.bare_lf!r}: expected one of {', '.join(BARE_LF_POLICIES)}"
             )
-        networks = []
-        for value in self.xforward_hosts:
-            try:
-                networks.append(ipaddress.ip_network(value, strict=False))
-            except ValueError:
-                raise ConfigError(
-                    f"FILTER_XFORWARD_HOSTS: {value!r} is not an address or network"
-                ) from None
-        object.__setattr__(self, "_networks", tuple(networks))
-        relay_networks = []
-        for value in self.relay_ips:
-            try:
-                relay_networks.append(ipaddress.ip_network(value, strict=False))
-            except ValueError:
-                raise ConfigError(
-                    f"FILTER_RELAY_IPS: {value!r} is not an address or network"
-                ) from None
-        object.__setattr__(self, "_relay_networks", tuple(relay_networks))
+        object.__setattr__(
+            self, "_networks", _networks("FILTER_XFORWARD_HOSTS", self.xforward_hosts)
+        )
+        object.__setattr__(
+            self, "_relay_networks", _networks("FILTER_RELAY_IPS", self.relay_ips)
+        )
         object.__setattr__(
             self, "relay_domains", tuple(d.lower().strip(".") for d in self.relay_domains)
         )
@@ -145,6 +148,15 @@ class FilterConfig:
             raise ConfigError("FILTER_TLS_CERT and FILTER_TLS_KEY: set both or neither")
         if any(ch in self.banner for ch in "\r\n\0"):
             raise ConfigError("FILTER_BANNER: must be one line")
+        if not _HOSTNAME.fullmatch(self.hostname):
+            # It goes into the greeting, every Received field and the EHLO to the next hop.
+            raise ConfigError(f"FILTER_HOSTNAME={self.hostname!r}: expected a host name")
+        if self.metrics_host and self.processes > 1:
+            raise ConfigError(
+                "FILTER_METRICS_LISTEN serves the counters of one process: with "
+                f"FILTER_PROCESSES={self.processes} each would want the port; use one process "
+                "or leave FILTER_METRICS_LISTEN empty"
+            )
         if self.virus_scan_fail not in VIRUS_SCAN_FAIL_POLICIES:
             raise ConfigError(
                 f"VIRUS_SCAN_FAIL={self.virus_scan_fail!r}: expected one of "
@@ -178,6 +190,22 @@ class FilterConfig:
             next_hop = next_hop[5:]
         hop_host, hop_port = env.parse_address("FILTER_NEXT_HOP", next_hop)
         hop_lmtp = env.bool("FILTER_NEXT_HOP_LMTP", hop_lmtp)
+        unknown = sorted(
+            name for name in env.environ
+            if name.startswith("FILTER_") and name not in KNOWN_VARIABLES
+        )
+        if unknown:
+            raise ConfigError(
+                f"{', '.join(unknown)}: not a setting of the filter worker "
+                "(docs/configuration.md lists them)"
+            )
+        if env.get("FILTER_MODE", "") == "front" and not (
+            env.get("FILTER_RELAY_MAP", "") or env.get("FILTER_RELAY_DOMAINS", "")
+        ):
+            raise ConfigError(
+                "FILTER_MODE=front needs FILTER_RELAY_MAP or FILTER_RELAY_DOMAINS: "
+                "without them no recipient would be refused (an open relay)"
+            )
         metrics = env.get("FILTER_METRICS_LISTEN", "")
         metrics_host, metrics_port = (
             env.address("FILTER_METRICS_LISTEN", metrics) if metrics else ("", 0)
@@ -223,10 +251,10 @@ class FilterConfig:
             special_users=env.get("FILTER_SPECIAL_USERS", ""),
             clamd_socket=env.get("CLAMD_SOCKET", ""),
             clamd_host=env.get("CLAMD_HOST", ""),
-            clamd_port=env.int("CLAMD_PORT", 3310, minimum=1),
+            clamd_port=env.int("CLAMD_PORT", 3310, minimum=1, maximum=65535),
             clamd_timeout=env.float("CLAMD_TIMEOUT", 60.0, minimum=0.1),
             spamd_host=env.get("SPAMD_HOST", ""),
-            spamd_port=env.int("SPAMD_PORT", 783, minimum=1),
+            spamd_port=env.int("SPAMD_PORT", 783, minimum=1, maximum=65535),
             spamd_timeout=env.float("SPAMD_TIMEOUT", 30.0, minimum=0.1),
             virus_scan_fail=env.choice("VIRUS_SCAN_FAIL", "tempfail", VIRUS_SCAN_FAIL_POLICIES),
             check_timeout=env.float("FILTER_CHECK_TIMEOUT", 90.0, minimum=1.0),
@@ -238,13 +266,41 @@ class FilterConfig:
         )
 
 
+def _networks(name: str, values: tuple[str, ...]) -> tuple:
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value))
+        except ValueError:
+            try:
+                wide = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {value!r} is not an address or network") from None
+            # 192.0.2.77/16 would let a whole /16 in where one host was probably meant.
+            raise ConfigError(
+                f"{name}: {value!r} has host bits set; write the network {wide} or the "
+                "address alone"
+            ) from None
+    return tuple(networks)
+
+
+# A host name (letters, digits, hyphens, dots, underscores) or an address literal.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]+\]")
+
+
 def _in_networks(address: str | None, networks: tuple) -> bool:
+    """Whether `address` (as a peer or Postfix's XFORWARD gives it: `IPV6:` prefixed, with
+    a zone, or IPv4 mapped into IPv6 by a dual-stack listener) is in `networks`."""
     if not address:
         return False
+    if address[:5].upper() == "IPV6:":
+        address = address[5:]
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
 
 
@@ -262,14 +318,15 @@ class _Env:
         value = self.environ.get(name)
         return default if value is None or value.strip() == "" else value.strip()
 
-    def int(self, name: str, default: int, *, minimum: int) -> int:
+    def int(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         raw = self.get(name, str(default))
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+        if not (raw.isascii() and raw.lstrip("-").isdigit()):
+            raise ConfigError(f"{name}={raw!r}: expected a whole number")
+        value = int(raw)
         if value < minimum:
             raise ConfigError(f"{name}={value}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name}={value}: must be at most {maximum}")
         return value
 
     def float(self, name: str, default: float, *, minimum: float) -> float:
@@ -312,7 +369,7 @@ class _Env:
 
     def parse_address(self, name: str, value: str) -> tuple[str, int]:
         host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ConfigError(f"{name}={value!r}: expected host:port")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]

@@ -217,7 +217,7 @@ def _weight(value: str) -> float:
 
 def _size(value: str) -> int:
     text = value.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise _Reason(f"expected a size in bytes, got {value!r}")
     return int(text)
 

@@ -17,6 +17,7 @@ def test_every_variable_is_read():
         "FILTER_LISTEN": "[::1]:2525",
         "FILTER_NEXT_HOP": "mx.internal:26",
         "FILTER_MODE": "front",
+        "FILTER_RELAY_DOMAINS": "example.test",
         "FILTER_LMTP": "True",
         "FILTER_MAX_MESSAGE_SIZE": "2048",
         "FILTER_MAX_LINE_LENGTH": "2000",

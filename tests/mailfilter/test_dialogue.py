@@ -238,7 +238,10 @@ def test_discarded_message_is_answered_250_only_after_the_sink_kept_it(start_fil
         code, text = client.data(MESSAGE)
     assert code == 250 and b"discarded, id=MEM000000001 - SPAM" in text
     [kept] = worker.sink.kept
-    assert kept["message"] == MESSAGE and kept["recipients"] == ["alice@example.test"]
+    # What the quarantine keeps: our Received field, then the message as it came.
+    assert kept["message"].startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert kept["message"].endswith(b"\r\n" + MESSAGE)
+    assert kept["recipients"] == ["alice@example.test"]
     assert next_hop.deliveries == []
 
 

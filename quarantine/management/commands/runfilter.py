@@ -21,6 +21,7 @@ import gc
 import logging
 import os
 import signal
+import traceback
 from pathlib import Path
 
 from django.conf import settings
@@ -30,7 +31,7 @@ from mailfilter.checks.virus import SignatureError
 from mailfilter.config import ConfigError, FilterConfig, postfix_snippet
 from mailfilter.policy import FilterChecks
 from mailfilter.profiles import ProfileError
-from mailfilter.server import FilterServer, listening_sockets, run_worker
+from mailfilter.server import FilterServer, listening_sockets, run_worker, tls_context
 from quarantine.sink import DjangoQuarantineSink
 
 log = logging.getLogger("mailfilter.reload")
@@ -92,6 +93,12 @@ class Command(BaseCommand):
             return
         user = os.environ.get("FILTER_USER", "")
         try:
+            # Loaded here once to say what is wrong before anything binds; each worker
+            # process loads its own.
+            tls_context(config)
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from exc
+        try:
             checks = FilterChecks(config)
         except (ProfileError, SignatureError, ValueError) as exc:
             raise CommandError(f"profiles: {exc}") from exc
@@ -146,6 +153,9 @@ class Command(BaseCommand):
                             other.close()
                     run_worker(self._run(config, sock, user, checks, announce=False))
                     code = 0
+                except BaseException:
+                    # os._exit below would take the reason with it.
+                    traceback.print_exc()
                 finally:
                     os._exit(code)
             children.append(pid)
