@@ -138,3 +138,21 @@ def test_filterctl_without_a_running_worker_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("FILTER_PID_FILE", str(tmp_path / "none.pid"))
     with pytest.raises(CommandError, match="is runfilter running"):
         call_command("filterctl", "reload")
+
+
+def test_filterctl_does_not_signal_a_process_that_is_not_runfilter(tmp_path, monkeypatch):
+    """A pid file left behind names a number the system may since have given to another
+    process: filterctl refuses to signal it and says the file is stale."""
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "filter.pid").write_text(f"{other.pid}\n")
+        monkeypatch.setenv("FILTER_PID_FILE", str(tmp_path / "filter.pid"))
+        with pytest.raises(CommandError, match="is not runfilter"):
+            call_command("filterctl", "reload")
+        assert other.poll() is None  # not hung up on
+    finally:
+        other.kill()
+        other.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -33,6 +34,17 @@ class Command(BaseCommand):
         if not text.isdigit() or int(text) <= 1:
             raise CommandError(f"FILTER_PID_FILE={path} does not hold a process id: {text[:40]!r}")
         pid = int(text)
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            raise CommandError(f"no process {pid} (stale FILTER_PID_FILE={path})") from None
+        except OSError:
+            command = b"runfilter"  # no /proc here: trust the file
+        if b"runfilter" not in command:
+            # A pid file the worker could not remove, its number since given to another
+            # process: that one must not get the signal.
+            raise CommandError(
+                f"process {pid} is not runfilter (stale FILTER_PID_FILE={path})")
         try:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
