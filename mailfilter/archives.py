@@ -11,6 +11,10 @@ Python 3.11.7's `zipfile` does not refuse overlapping entries (the CVE-2024-0450
 came in 3.11.8), so the ranges every entry occupies are compared here: an entry whose bytes
 start inside another's is the "better zip bomb" construction and is reported as a bomb.
 
+Names are taken as the unpackers people use would give them: a zip entry also under the
+name its Info-ZIP Unicode Path extra field gives it, a gzip member also under the name
+gunzip derives from the archive's own name when the header records another.
+
 Whatever cannot be looked into is reported, never passed as empty: encrypted members,
 corrupt or truncated archives, unsupported compression methods, and rar/7z (no lister is
 bundled) are "undecipherable"; cap violations are "bomb". Either stops the listing of
@@ -48,7 +52,8 @@ class ArchiveLimits:
     # The ratio is only judged once a member has produced this much: a tiny file of
     # zeros compresses 1000:1 without being a threat.
     ratio_floor: int = 2**20
-    # Members larger than this are listed and checked but their bytes are not kept.
+    # Members larger than this are listed and checked but their bytes are not kept
+    # (`Member.unscanned`).
     max_kept_bytes: int = 25 * 2**20
     budget_seconds: float = 10.0
 
@@ -68,6 +73,17 @@ class Member:
     @property
     def path(self) -> str:
         return "/".join((*self.chain, self.name))
+
+    @property
+    def unscanned(self) -> bool:
+        """Whether no later scan can see the member's content: its bytes were read but are
+        not kept (over `max_kept_bytes`), and it is not an archive whose own members were
+        listed (and kept) in its place."""
+        return (
+            self.data is None
+            and self.size > 0
+            and self.sniffed not in sniffing.LISTABLE_ARCHIVES
+        )
 
 
 @dataclass(frozen=True)
@@ -165,9 +181,13 @@ class _Lister:
             self.list_tar(data, chain, depth)
         elif kind == sniffing.GZIP:
             out = self.inflate_gzip(data, where)
-            self.add(
-                chain, _inner_name(chain[-1], (".gz", ".tgz", ".z"), _gzip_name(data)), out, depth
-            )
+            suffixes = (".gz", ".tgz", ".z")
+            recorded = _gzip_name(data)
+            self.add(chain, _inner_name(chain[-1], suffixes, recorded), out, depth)
+            # gunzip without -N names the output after the archive, not after the header.
+            derived = _stripped_name(chain[-1], suffixes)
+            if recorded and derived and _clean_name(derived) != _clean_name(recorded):
+                self.add(chain, derived, None, depth)
         elif kind == sniffing.BZIP2:
             out = self.inflate_buffered(bz2.BZ2Decompressor, data, where, b"BZh")
             self.add(chain, _inner_name(chain[-1], (".bz2", ".tbz", ".tbz2"), None), out, depth)
@@ -299,6 +319,9 @@ class _Lister:
             if info.orig_filename != info.filename:
                 # "evil.exe\0.txt": zipfile cuts at the NUL, other unpackers may not.
                 self.add(chain, info.orig_filename.replace("\0", "\\0"), None, depth)
+            for unicode_name in self.zip_unicode_names(data, info):
+                if unicode_name != info.filename:
+                    self.add(chain, unicode_name.replace("\0", "\\0"), None, depth)
             if info.flag_bits & 0x1:
                 # The name is readable, the content is not: keep listing the names.
                 self.add(chain, info.filename, None, depth, encrypted=True)
@@ -310,6 +333,24 @@ class _Lister:
                 self.add(chain, info.filename, b"", depth)
                 continue
             self.add(chain, info.filename, self.zip_member(data, info, where), depth)
+
+    def zip_unicode_names(self, data: bytes, info: zipfile.ZipInfo) -> list[str]:
+        """The names the entry's Info-ZIP Unicode Path extra fields (0x7075) give it, in
+        the central directory and in the local header. unzip, 7-Zip and libarchive
+        extract the entry under such a name; zipfile ignores the field. Every one is
+        taken, whether or not its CRC of the header name matches."""
+        offset = info.header_offset
+        name_length, extra_length = struct.unpack_from("<2H", data, offset + 26)
+        local_extra = data[offset + 30 + name_length : offset + 30 + name_length + extra_length]
+        names: list[str] = []
+        for extra in (info.extra, local_extra):
+            for field_id, body in _extra_fields(extra):
+                # Version 1, CRC-32 of the header name, then the UTF-8 name.
+                if field_id == 0x7075 and len(body) > 5:
+                    name = body[5:].decode("utf-8", "replace")
+                    if name not in names:
+                        names.append(name)
+        return names
 
     def zip_span(self, data: bytes, info: zipfile.ZipInfo, where: str) -> tuple[int, int, int]:
         """Where the entry's local header and compressed bytes really are."""
@@ -383,6 +424,17 @@ class _Lister:
             raise self.stop(UNDECIPHERABLE, f"corrupt tar {where}: {exc}") from exc
 
 
+def _extra_fields(extra: bytes) -> list[tuple[int, bytes]]:
+    """The (id, data) fields of a zip extra block; a field running past the end is cut."""
+    fields = []
+    pos = 0
+    while pos + 4 <= len(extra):
+        field_id, size = struct.unpack_from("<2H", extra, pos)
+        fields.append((field_id, extra[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return fields
+
+
 def _zip_announced_entries(data: bytes) -> int | None:
     end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
     if end < 0 or end + 22 > len(data):
@@ -405,11 +457,17 @@ def _gzip_name(data: bytes) -> str | None:
 
 
 def _inner_name(outer: str, suffixes: tuple[str, ...], recorded: str | None) -> str:
-    if recorded:
-        return recorded
+    """The name of what a compressed file named `outer` holds: the name its header
+    records, else `outer` less its suffix, else `outer` + ".out"."""
+    return recorded or _stripped_name(outer, suffixes) or outer + ".out"
+
+
+def _stripped_name(outer: str, suffixes: tuple[str, ...]) -> str | None:
+    """`outer` less the first of `suffixes` it ends with (case-insensitively) as the
+    decompressor names its output (".tgz" gives ".tar"); None if it ends with none."""
     lowered = outer.lower()
     for suffix in suffixes:
         if lowered.endswith(suffix):
             stem = outer[: -len(suffix)]
             return stem + ".tar" if suffix.startswith(".t") else stem
-    return outer + ".out"
+    return None

@@ -20,10 +20,11 @@ goes to the parser.
 
 Everything else is ours, written to be linear: parameter splitting (so duplicate and
 RFC 2231 continued parameters are seen as written, which Python's parser hides),
-RFC 2047 decoding with bounded encoded words, lenient base64 and quoted-printable
-decoding that records what was wrong, file-name variants, and header-section checks on the
-raw bytes (8-bit, NUL, bare CR, long lines, whitespace-only folded lines, syntax, missing
-and duplicate fields).
+RFC 2047 decoding (encoded words of any length), lenient base64 and quoted-printable
+decoding that records what was wrong, file-name variants, uuencoded and yEnc files in text
+parts (at most `max_embedded_files` per part), and header-section checks on the raw bytes
+(8-bit, NUL, bare CR, long lines, whitespace-only folded lines, syntax, missing and
+duplicate fields).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class MimeLimits:
     # parameters, are not handed to Python's quadratic parameter splitter.
     max_parameter_header: int = 16_384
     max_parameters: int = 100
+    # uuencoded and yEnc files decoded from one text part; beyond this the part is
+    # reported as not fully scanned.
+    max_embedded_files: int = 100
     budget_seconds: float = 5.0
     archive_limits: archives.ArchiveLimits = archives.DEFAULT_LIMITS
 
@@ -71,6 +75,7 @@ UNSCANNABLE = frozenset(
         "parse-failure",
         "work-budget-exceeded",
         "duplicate-boundary",
+        "too-many-embedded-files",
     }
 )
 
@@ -111,16 +116,30 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
 _CLEAN_HEADER_LINE = re.compile(
     rb"(?:[\x21-\x39\x3b-\x7e]+:|[ \t]+[\x21-\x7e])[\x01-\x09\x0b\x0c\x0e-\x7f]*(?:\r\n|\n)?\Z"
 )
-_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([QqBb])\?([^?\s]{0,1024})\?=")
+# The encoded text has no length cap (clients decode words of any length); it cannot
+# contain "?", so every attempt stops at the next "?" and finditer stays linear.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,64})\?([QqBb])\?([^?\s]*)\?=")
 _BAD_QP = re.compile(rb"=(?![0-9A-Fa-f]{2}|[ \t]*(?:\r\n|\r|\n|\Z))")
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _NOT_B64 = bytes(byte for byte in range(256) if byte not in _B64_ALPHABET)
-_UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]+?)[ \t]*\r?$", re.MULTILINE)
-_YENC_BEGIN = re.compile(rb"^=ybegin [^\r\n]*?name=([^\r\n]+?)[ \t]*\r?$", re.MULTILINE)
+# What may be the first line of a uuencoded file (group 1: the name, after white space)
+# or of a yEnc one (group 2: its parameters). Each alternative has one way to match a
+# line, so a search is linear.
+_EMBEDDED_BEGIN = re.compile(
+    rb"^(?:begin[ \t]+[0-7]{3,4}[ \t]([^\r\n]*)|=ybegin ([^\r\n]*))\r?$", re.MULTILINE
+)
+_YENC_ESCAPE = re.compile(rb"=(.?)", re.DOTALL)
+# An escape "=X" stands for X - 64 before the shift by 42 every byte undergoes; a "=" that
+# ends a line escapes nothing.
+_YENC_UNESCAPED = {bytes([0x3D, byte]): bytes([(byte - 64) % 256]) for byte in range(256)}
+_YENC_UNESCAPED[b"="] = b""
+_YENC_SHIFT = bytes((byte - 42) % 256 for byte in range(256))
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 _ARCHIVES = LISTABLE_ARCHIVES | OPAQUE_ARCHIVES
+# Header fields some clients take a part's file name from when its parameters give none.
+_NAME_FIELDS = ("content-name", "x-sun-data-name")
 
 
 @dataclass(frozen=True)
@@ -137,6 +156,7 @@ class Embedded:
     name: str
     encoding: str
     data: bytes
+    sniffed: str | None = None
 
 
 @dataclass
@@ -171,7 +191,8 @@ class ParsedMessage:
     texts: list[tuple[str, bytes]]
     limits: MimeLimits = DEFAULT_LIMITS
     deadline: float = 0.0
-    _listings: dict[str, archives.ArchiveListing] = field(default_factory=dict)
+    # By the id() of the Part or Embedded listed: both live as long as the message.
+    _listings: dict[int, archives.ArchiveListing] = field(default_factory=dict)
 
     def walk(self) -> Iterator[Part]:
         """Leaf parts, in document order, nested messages included."""
@@ -206,20 +227,37 @@ class ParsedMessage:
     def unscannable(self) -> list[Defect]:
         return [defect for defect in self.defects if defect.name in UNSCANNABLE]
 
-    def listing(self, part: Part) -> archives.ArchiveListing | None:
-        """The archive listing of a part whose content is an archive, computed once."""
-        if part.sniffed not in _ARCHIVES:
+    def listing(self, item: Part | Embedded) -> archives.ArchiveListing | None:
+        """The archive listing of a part, or of a file embedded in a text part, whose
+        content is an archive; computed once."""
+        if item.sniffed not in _ARCHIVES:
             return None
-        if part.path not in self._listings:
-            name = part.filenames[0] if part.filenames else part.label
-            self._listings[part.path] = archives.list_archive(
-                part.payload,
+        key = id(item)
+        if key not in self._listings:
+            if isinstance(item, Embedded):
+                data, name = item.data, item.name or item.encoding
+            else:
+                data, name = item.payload, item.filenames[0] if item.filenames else item.label
+            self._listings[key] = archives.list_archive(
+                data,
                 name=name,
-                kind=part.sniffed,
+                kind=item.sniffed,
                 limits=self.limits.archive_limits,
                 deadline=self.deadline + self.limits.archive_limits.budget_seconds,
             )
-        return self._listings[part.path]
+        return self._listings[key]
+
+    def listings(self) -> Iterator[tuple[str, archives.ArchiveListing]]:
+        """Every archive listing, with where the archive is: leaf parts and the files
+        embedded in them, in document order."""
+        for part in self.walk():
+            listing = self.listing(part)
+            if listing is not None:
+                yield part.label, listing
+            for embedded in part.embedded:
+                listing = self.listing(embedded)
+                if listing is not None:
+                    yield embedded_label(part, embedded), listing
 
     def scan_blobs(self) -> Iterator[tuple[str, bytes]]:
         """Every byte string a content scanner should see, with a label.
@@ -232,8 +270,13 @@ class ParsedMessage:
         for part in self.walk():
             yield part.label, part.payload
             for embedded in part.embedded:
-                yield f"{part.label} {embedded.encoding} {embedded.name}", embedded.data
+                yield embedded_label(part, embedded), embedded.data
         yield from self.texts
+
+
+def embedded_label(part: Part, embedded: Embedded) -> str:
+    """How a file embedded in a text part is named in findings and scan labels."""
+    return f"{part.label} {embedded.encoding} {embedded.name}"
 
 
 def parse_message(raw: bytes, *, limits: MimeLimits = DEFAULT_LIMITS) -> ParsedMessage:
@@ -866,43 +909,80 @@ def _uudecode(lines: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def _embedded_files(data: bytes) -> list[Embedded]:
-    found: list[Embedded] = []
+def _embedded_files(data: bytes, limit: int, deadline: float) -> tuple[list[Embedded], bool]:
+    """The uuencoded and yEnc files in a text part, in order, at most `limit` of them; and
+    whether there were more.
+
+    A file starts at its begin line and ends at its end line, or at the next begin line of
+    either kind (a begin line is never data of either encoding), or at the end of the text.
+    Each stretch of the text is looked at once, so the work is linear in its length.
+    """
     # Both markers contain "begin" and most text parts have neither: `in` rules them out
-    # far faster than MULTILINE regexes that try every line.
+    # far faster than a MULTILINE regex that tries every line.
     if b"begin" not in data:
-        return found
-    for match in _UU_BEGIN.finditer(data):
-        lines: list[bytes] = []
-        for line in data[match.end() :].splitlines()[1:]:
-            if line.strip() in (b"end", b"`", b""):
-                break
-            lines.append(line.strip(b"\r"))
-        found.append(Embedded(_clean(_text(match.group(1))), "uuencode", _uudecode(lines)))
-    if b"=ybegin " not in data:
-        return found
-    for match in _YENC_BEGIN.finditer(data):
-        end = data.find(b"\n=yend", match.end())
-        body = data[match.end() : end if end >= 0 else len(data)]
-        found.append(Embedded(_clean(_text(match.group(1))), "yenc", _yenc_decode(body)))
-    return found
+        return [], False
+    found: list[Embedded] = []
+    begins = _EMBEDDED_BEGIN.finditer(data)
+    begin = _next_begin(begins)
+    while begin is not None:
+        if len(found) >= limit:
+            return found, True
+        if time.monotonic() > deadline:
+            raise _BudgetExceeded
+        match, encoding, name = begin
+        following = _next_begin(begins)
+        stop = following[0].start() if following is not None else len(data)
+        if encoding == "uuencode":
+            lines: list[bytes] = []
+            # The stretch starts with the line end of the begin line.
+            for line in data[match.end() : stop].splitlines()[1:]:
+                if line.strip() in (b"end", b"`", b""):
+                    break
+                lines.append(line)
+            decoded = _uudecode(lines)
+        else:
+            end = data.find(b"\n=yend", match.end(), stop)
+            decoded = _yenc_decode(data[match.end() : end if end >= 0 else stop])
+        found.append(Embedded(_clean(_text(name)), encoding, decoded, sniff(decoded)))
+        begin = following
+    return found, False
+
+
+def _next_begin(begins: Iterator[re.Match[bytes]]) -> tuple[re.Match[bytes], str, bytes] | None:
+    """The next begin line that names a file: (match, encoding, name).
+
+    A uuencode line needs something after the mode, a yEnc line something after its first
+    `name=`; the name is that, less surrounding spaces and tabs (a name of only white
+    space is kept as one space).
+    """
+    for match in begins:
+        uu_name = match.group(1)
+        if uu_name is not None:
+            encoding, written = "uuencode", uu_name
+        else:
+            parameters = match.group(2)
+            at = parameters.find(b"name=")
+            if at < 0:
+                continue
+            encoding, written = "yenc", parameters[at + 5 :]
+        if written:
+            return match, encoding, written.strip(b" \t") or b" "
+    return None
 
 
 def _yenc_decode(body: bytes) -> bytes:
-    out = bytearray()
+    lines = []
     for line in body.splitlines():
         if line.startswith(b"=ypart"):
             continue
-        escaped = False
-        for byte in line:
-            if escaped:
-                out.append((byte - 64 - 42) % 256)
-                escaped = False
-            elif byte == 0x3D:
-                escaped = True
-            else:
-                out.append((byte - 42) % 256)
-    return bytes(out)
+        if b"=" in line:
+            line = _YENC_ESCAPE.sub(_yenc_unescape, line)
+        lines.append(line)
+    return b"".join(lines).translate(_YENC_SHIFT)
+
+
+def _yenc_unescape(match: re.Match[bytes]) -> bytes:
+    return _YENC_UNESCAPED[match.group()]
 
 
 # -- parameters and file names --------------------------------------------------------
@@ -995,10 +1075,15 @@ def _clean(name: str) -> str:
 
 
 def filename_variants(
-    type_params: list[tuple[str, str]], disposition_params: list[tuple[str, str]]
+    type_params: list[tuple[str, str]],
+    disposition_params: list[tuple[str, str]],
+    name_fields: tuple[str, ...] = (),
 ) -> list[str]:
     """Every name a client might give the part: plain, RFC 2231, RFC 2047, from both
-    Content-Disposition (filename) and Content-Type (name). CR and LF are removed."""
+    Content-Disposition (filename) and Content-Type (name), then the values of the
+    `Content-Name` and `X-Sun-Data-Name` fields given as `name_fields` (Thunderbird names
+    a part by them when both parameters are missing), as written, RFC 2047 decoded and
+    unquoted. CR and LF are removed."""
     variants: list[str] = []
     for params, base in ((disposition_params, "filename"), (type_params, "name")):
         for name, value in params:
@@ -1007,6 +1092,12 @@ def filename_variants(
                 if "=?" in value:
                     variants.append(_decode_words(value))
         variants.extend(assemble_rfc2231(params, base))
+    for value in name_fields:
+        written = _unfold(value)
+        variants.append(written)
+        decoded = _decode_words(written)
+        variants.append(decoded)
+        variants.append(_unquote(decoded))
     seen: dict[str, None] = {}
     for variant in variants:
         cleaned = _clean(variant)
@@ -1059,6 +1150,11 @@ class _Walker:
         for name in ("content-type", "content-transfer-encoding", "content-disposition"):
             if names.count(name) > 1:
                 self.defect("duplicate-mime-header", f"{label}: more than one {name}", path)
+        name_fields: tuple[str, ...] = ()
+        if "content-name" in first or "x-sun-data-name" in first:
+            name_fields = tuple(
+                value for name, (_, value) in zip(names, items, strict=True) if name in _NAME_FIELDS
+            )
         content_type = node.get_content_type()
         encoding = _unfold(first.get("content-transfer-encoding", "")).lower()
         payload = node.get_payload()
@@ -1081,14 +1177,21 @@ class _Walker:
             params=type_params,
             disposition=disposition.lower(),
             transfer_encoding=encoding,
-            filenames=filename_variants(type_params, disposition_params),
+            filenames=filename_variants(type_params, disposition_params, name_fields),
             payload=data,
             sniffed=sniff(data) if data else None,
             is_container=is_container,
             headers=items,
         )
         if not is_container and content_type.startswith("text/"):
-            part.embedded = _embedded_files(data)
+            limit = self.message.limits.max_embedded_files
+            part.embedded, more = _embedded_files(data, limit, self.deadline)
+            if more:
+                self.defect(
+                    "too-many-embedded-files",
+                    f"{label}: more than {limit} uuencoded or yEnc files",
+                    path,
+                )
         self.message.parts.append(part)
         return [child for child in payload if isinstance(child, Message)] if is_container else []
 

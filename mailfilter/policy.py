@@ -252,13 +252,26 @@ def _analyse(
     findings: list[Finding] = []
     if profile.virus_scan:
         members = [
-            (f"{part.label}: {member.path}", member.data)
-            for part in parsed.walk()
-            if (listing := parsed.listing(part)) is not None
+            (f"{where}: {member.path}", member)
+            for where, listing in parsed.listings()
             for member in listing.members
-            if member.data
         ]
-        findings += check_virus([*blobs, *members], profile=profile, library=library)
+        scanned = [(label, member.data) for label, member in members if member.data]
+        findings += check_virus([*blobs, *scanned], profile=profile, library=library)
+        # A member too large to keep was not offered to the signature scan: the message
+        # cannot pass as clean, so it is banned like other content that was not looked into.
+        kept_mb = parsed.limits.archive_limits.max_kept_bytes / 2**20
+        findings += [
+            Finding(
+                "BANNED",
+                "unscannable",
+                0.0,
+                f"{label}: {member.size} bytes, over the {kept_mb:g} MB the signature scan"
+                " is given",
+            )
+            for label, member in members
+            if member.unscanned
+        ]
     findings += check_banned(
         parsed,
         filename_reject=profile.filename_reject,

@@ -8,6 +8,7 @@ what `mime_reject` rules are written in.
 
 from __future__ import annotations
 
+import re
 import struct
 
 DOS_EXECUTABLE = "application/x-dosexec"
@@ -36,6 +37,12 @@ _MACH_O_MAGICS = (
     b"\xca\xfe\xba\xbe",  # universal binary (also a Java class file: executable either way)
 )
 _TEXT_BYTES = frozenset(b"\t\n\r\f\b") | frozenset(range(0x20, 0x7F))
+# A tar checksum field: octal digits, padded with spaces, ended by NUL or space.
+_TAR_CHECKSUM = re.compile(rb" *[0-7]{1,7}[ \0]*\Z")
+# Bytes a tar member name is made of: printable ASCII, and 8-bit for UTF-8 or legacy names.
+_NAME_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+# The end-of-central-directory record (22 bytes) is followed by at most a 64 KiB comment.
+_ZIP_END_SEARCH = 0xFFFF + 22
 
 
 def sniff(data: bytes) -> str | None:
@@ -62,11 +69,50 @@ def sniff(data: bytes) -> str | None:
         return OLE
     if data[:4] == b"\x78\x9f\x3e\x22":
         return TNEF
-    if data[257:262] == b"ustar":
+    if data[257:262] == b"ustar" or _looks_like_old_tar(data):
         return TAR
     if data[:2] == b"#!":
         return SCRIPT
+    if _has_zip_end_record(data):
+        return ZIP
     return None
+
+
+def _looks_like_old_tar(data: bytes) -> bool:
+    """A tar header without the "ustar" magic (v7 tar, which GNU tar, bsdtar, 7-Zip and
+    Python's tarfile all read): a non-empty name of printable (or 8-bit) bytes, and a
+    checksum field in octal that equals the sum of the header's bytes (the field counted
+    as spaces), unsigned or signed as tar readers accept."""
+    if len(data) < 512 or not _TAR_CHECKSUM.match(data, 148, 156):
+        return False
+    name = data[:100].split(b"\0", 1)[0]
+    if not name or name.translate(None, _NAME_BYTES):
+        return False
+    written = int(data[148:156].split(b"\0", 1)[0].strip(), 8)
+    header = data[:148] + b" " * 8 + data[156:512]
+    unsigned = sum(header)
+    signed = unsigned - 256 * sum(1 for byte in header if byte > 127)
+    return written in (unsigned, signed)
+
+
+def _has_zip_end_record(data: bytes) -> bool:
+    """A zip whose first entry is not at the start (a self-extractor stub or other bytes in
+    front, which zipfile, unzip and 7-Zip skip): an end-of-central-directory record in the
+    last 64 KiB + 22 bytes whose central directory, just before it, starts with a
+    central directory header (or is empty), or that a zip64 locator precedes."""
+    start = max(0, len(data) - _ZIP_END_SEARCH)
+    # A one-byte search is many times faster than a four-byte one, and rules out text.
+    if data.find(b"\x05", start) < 0:
+        return False
+    end = data.rfind(b"PK\x05\x06", start)
+    if end < 0 or end + 22 > len(data):
+        return False
+    if end >= 20 and data[end - 20 : end - 16] == b"PK\x06\x07":
+        return True
+    (size,) = struct.unpack_from("<L", data, end + 12)
+    if size == 0:
+        return data[end + 8 : end + 12] == b"\0\0\0\0"
+    return size <= end and data[end - size : end - size + 4] == b"PK\x01\x02"
 
 
 def _looks_like_dos_executable(data: bytes) -> bool:

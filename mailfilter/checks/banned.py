@@ -24,8 +24,8 @@ fully parsed are banned whatever that setting, with the reason as the detail.
 
 TNEF (`application/ms-tnef`, winmail.dat) is not decoded: it is reported as an
 undecipherable container, so it is quarantined rather than passed unseen. uuencoded and
-yEnc files inside text parts are decoded by the parser and their names judged like
-attachment names.
+yEnc files inside text parts are decoded by the parser and their names and content judged
+like attachments; an embedded archive is listed and its members judged like a part's.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import unicodedata
 from collections.abc import Iterable
 
 from mailfilter import sniff
+from mailfilter.archives import ArchiveListing
 from mailfilter.findings import Finding
 from mailfilter.mime import ParsedMessage, Part
 
@@ -80,29 +81,49 @@ def check_banned(
         for name in part.filenames:
             findings.extend(_judge_name(name, where, names, builtin))
         for embedded in part.embedded:
+            inside = f"{where} ({embedded.encoding})"
+            findings.extend(_judge_name(embedded.name, inside, names, builtin))
+            findings.extend(_judge_type((embedded.sniffed,), inside, types, builtin))
             findings.extend(
-                _judge_name(embedded.name, f"{where} ({embedded.encoding})", names, builtin)
+                _judge_listing(
+                    parsed.listing(embedded), inside, names, types, builtin,
+                    allow_banned_in_archives,
+                )
             )
-            kind = sniff.sniff(embedded.data)
-            findings.extend(_judge_type((kind,), f"{where} ({embedded.encoding})", types, builtin))
         declared = (part.declared_type, part.content_type, part.sniffed)
         findings.extend(_judge_type(declared, where, types, builtin))
         if builtin:
             findings.extend(_builtin_part_rules(parsed, part))
-        listing = parsed.listing(part)
-        if listing is None:
-            continue
-        for problem in listing.problems:
-            findings.append(Finding("BANNED", f"archive-{problem.kind}", 0.0, problem.reason))
-        if allow_banned_in_archives:
-            continue
-        for member in listing.members:
-            inside = f"{where}: {'/'.join(member.chain)}"
-            findings.extend(_judge_name(member.name, inside, names, builtin))
-            findings.extend(
-                _judge_type((member.sniffed,), f"{where}: {member.path}", types, builtin)
+        findings.extend(
+            _judge_listing(
+                parsed.listing(part), where, names, types, builtin, allow_banned_in_archives
             )
+        )
     return _unique(findings)
+
+
+def _judge_listing(
+    listing: ArchiveListing | None,
+    where: str,
+    names: tuple[tuple[float, str], ...],
+    types: tuple[tuple[float, str], ...],
+    builtin: bool,
+    allow_banned_in_archives: bool,
+) -> list[Finding]:
+    """An archive's problems (always) and its members' names and types (unless allowed)."""
+    if listing is None:
+        return []
+    findings = [
+        Finding("BANNED", f"archive-{problem.kind}", 0.0, problem.reason)
+        for problem in listing.problems
+    ]
+    if allow_banned_in_archives:
+        return findings
+    for member in listing.members:
+        inside = f"{where}: {'/'.join(member.chain)}"
+        findings.extend(_judge_name(member.name, inside, names, builtin))
+        findings.extend(_judge_type((member.sniffed,), f"{where}: {member.path}", types, builtin))
+    return findings
 
 
 # A profile hands over the same tuples of rules for every message: converting them once
