@@ -406,6 +406,16 @@ def _take_over(vanished: dict[int, DirectoryIdentity], user_pk: int | None,
     user = identity.user
     if user.is_superuser or user.username == settings.VADMIN_USERNAME:
         return None
+    if (
+        user.is_staff
+        or user.groups.exists()
+        or user.user_permissions.exists()
+        or Address.objects.filter(user=user).exclude(source=Address.SOURCE_LDAP).exists()
+    ):
+        # Given by hand to the person before: not for whoever now holds the address.
+        log.warning("directory sync: %s is not taken over by %s: it has rights or "
+                    "addresses given by hand", user.username, obj.dn)
+        return None
     log.info("directory sync: %s (was %s) takes over the user %s", obj.dn, identity.dn,
              user.username)
     identity.guid = obj.guid

@@ -285,7 +285,7 @@ def _networks(name: str, values: tuple[str, ...]) -> tuple:
 
 
 # A host name (letters, digits, hyphens, dots, underscores) or an address literal.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]+\]")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
 
 
 def _in_networks(address: str | None, networks: tuple) -> bool:
@@ -299,9 +299,8 @@ def _in_networks(address: str | None, networks: tuple) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    mapped = ip.ipv4_mapped if ip.version == 6 else None
+    return any(ip in net or (mapped is not None and mapped in net) for net in networks)
 
 
 def _default_hostname() -> str:
@@ -320,7 +319,7 @@ class _Env:
 
     def int(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         raw = self.get(name, str(default))
-        if not (raw.isascii() and raw.lstrip("-").isdigit()):
+        if not re.fullmatch(r"-?[0-9]+", raw):
             raise ConfigError(f"{name}={raw!r}: expected a whole number")
         value = int(raw)
         if value < minimum:

@@ -185,28 +185,32 @@ class Relay:
                 return None, unavailable("all connections busy")
         else:
             await self._slots.acquire()
+        slot = _Slot(self._slots)
         try:
-            return await self._open(mail, address, dsn)
+            return await self._open(mail, address, dsn, slot)
         except BaseException:
             # Cancelled (the client went away) or a failure of ours: the slot is given
-            # back, and a connection left in the middle of a command closes itself.
-            self._slots.release()
+            # back unless already given on, and a connection left in the middle of a
+            # command closes itself.
+            slot.give_back()
             raise
 
     async def _open(
-        self, mail: _Mail, address: str, dsn: Sequence[str]
+        self, mail: _Mail, address: str, dsn: Sequence[str], slot: _Slot
     ) -> tuple[NextHopClient | None, Reply]:
         """`_start` once the slot is taken: every return that gives no connection has
-        given the slot back."""
+        given the slot back; a connection returned holds it."""
         # A pooled connection may have been closed by the next hop meanwhile: one retry
         # on a fresh connection.
         for attempt in (1, 2):
             client, reused = await self._connection(fresh=attempt == 2)
+            slot.connection = client
             if client is None:
-                self._slots.release()
+                slot.give_back()
                 self.stats.inc("next_hop_failures", label="connect")
                 return None, unavailable("cannot connect")
             if mail.smtputf8 and not client.supports_extension("smtputf8"):
+                slot.handed_on()
                 self._release(client, reusable=True)
                 return None, Reply(451, "4.5.0 Next hop does not support SMTPUTF8")
             commands = self._mail_commands(client, mail)
@@ -233,7 +237,7 @@ class Relay:
                 client.close()
                 if reused and attempt == 1:
                     continue
-                self._slots.release()
+                slot.give_back()
                 self.stats.inc("next_hop_failures", label="mail")
                 log.warning("next hop %s:%s failed at MAIL: %s", self.host, self.port, exc)
                 return None, unavailable("lost connection")
@@ -242,8 +246,11 @@ class Relay:
                 continue
             if mail_response.code != 250 or rcpt_response is None:
                 self.stats.inc("next_hop_failures", label="mail")
+                # _reset gives the slot back however it ends.
+                slot.handed_on()
                 await self._reset(client)
                 return None, Reply.passed_on(mail_response.code, mail_response.message)
+            slot.handed_on()
             return client, Reply.passed_on(rcpt_response.code, rcpt_response.message)
         raise AssertionError("unreachable")
 
@@ -347,6 +354,31 @@ async def _quit(client: NextHopClient) -> None:
                 await client.quit(timeout=2)
     finally:
         client.close()
+
+
+class _Slot:
+    """One taken slot of the pool, given back exactly once: by `give_back`, or by whoever
+    it is handed on to (a connection returned, `_reset`, `_release`)."""
+
+    __slots__ = ("_semaphore", "held", "connection")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self.held = True
+        # The connection opened or taken from the pool for it, until handed on.
+        self.connection: NextHopClient | None = None
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
+
+    def handed_on(self) -> None:
+        self.held = False
+        self.connection = None
 
 
 @dataclass(frozen=True)

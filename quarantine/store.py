@@ -116,17 +116,16 @@ def split_addresses(value: str) -> list[str]:
     """`<a@x>, <b@y>` (folded or not) to `["a@x", "b@y"]`; an empty `<>` is dropped. Within
     angle brackets a comma is part of the address (`<"smith,john"@x>`); a list without
     brackets is split at its commas."""
-    if "<" in value:
-        return [addr.strip() for addr in _BRACKETED.findall(value) if addr.strip()]
     out = []
-    for part in value.split(","):
-        addr = _strip_brackets(part)
+    for bracketed, bare in _ADDRESS_ITEM.findall(value):
+        addr = (bracketed or bare).strip()
         if addr:
             out.append(addr)
     return out
 
 
-_BRACKETED = re.compile(r"<([^<>]*)>")
+# One address of a list: in angle brackets (commas inside belong to it) or bare.
+_ADDRESS_ITEM = re.compile(r"<([^<>]*)>|([^,<>]+)")
 
 
 def _strip_brackets(value: str) -> str:
@@ -264,10 +263,15 @@ def starts_with_received(message: bytes) -> bool:
 
 
 def _read_as_envelope_field(message: bytes) -> bool:
-    """Whether the message's first line would be read as a field of the block before it
-    (a message of its own starting with X-Envelope-To, say)."""
-    colon = message.find(b":", 0, 80)
-    return colon > 0 and bool(_ENVELOPE_FIELD_RE.match(message[:colon].strip()))
+    """Whether the message's first line would be read as part of the block before it: a
+    field named like an envelope field (a message of its own starting with X-Envelope-To,
+    say), or a continuation line of the block's last field."""
+    if message[:1] in (b" ", b"\t"):
+        return True
+    end = message.find(b"\n")
+    first = message if end < 0 else message[:end]
+    colon = first.find(b":")
+    return colon > 0 and bool(_ENVELOPE_FIELD_RE.match(first[:colon].strip()))
 
 
 def to_lf(message: bytes) -> bytes:

@@ -84,6 +84,30 @@ def test_a_person_recreated_in_the_directory_keeps_receiving_mail_and_gets_a_use
     assert owner.is_active
 
 
+def test_a_recreated_account_does_not_take_over_addresses_given_by_hand(settings, directory):
+    """A viewer user of a vanished AD account that vadmin gave an extra address by hand is
+    not taken over by a new account with the same primary address: the new holder of the
+    address must not see the quarantine of what was given to the old one. The sync
+    reports it, and the new account's addresses stay in the relay map."""
+    _staff(directory)
+    old = directory.person("Alice", mail="alice@example.test",
+                           proxy=["SMTP:alice@example.test"])
+    sync_directory()
+    old_user = User.objects.get(username="alice@example.test")
+    Address.objects.create(address="board@example.test", user=old_user,
+                           source=Address.SOURCE_LOCAL)
+    directory.slapd.delete(old)
+    directory.person("Alice", mail="alice@example.test", proxy=["SMTP:alice@example.test"],
+                     guid=uuid.uuid4().bytes)
+
+    summary = sync_directory()
+
+    assert summary.conflicts
+    assert "alice@example.test" in _map(settings)
+    assert Address.objects.get(address="board@example.test").user == old_user
+    assert not User.objects.get(pk=old_user.pk).is_active
+
+
 def test_a_person_skipped_for_a_local_name_clash_stays_in_the_relay_map(settings, directory):
     """A directory person whose primary address is the name of a local account is not
     synced into a viewer user (never adopt a local account), but the mailbox exists and is

@@ -484,3 +484,53 @@ def test_end_of_data_reply_with_a_code_no_final_reply_has_is_a_451(
     rcpt, _ = _one_message_goes_through(raw, worker.port)
     assert rcpt[:3] == b"250"
     assert len({number for number, line in next_hop.lines if line.startswith(b"EHLO")}) == 2
+
+
+def test_client_gone_while_the_next_hop_answers_rset_after_refusing_mail_frees_one_slot():
+    """The next hop refuses MAIL, the worker sends RSET, and the client goes away before
+    the RSET is answered: the transaction's slot is given back once, not twice (a
+    semaphore released twice would let more than max_backends connections open)."""
+    from mailfilter.relay import Relay
+
+    answered_rset = asyncio.Event()
+
+    async def refusing_hop(reader, writer):
+        try:
+            writer.write(b"220 hop.test ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line.split()[0].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-hop.test\r\n250 PIPELINING\r\n")
+                elif verb == b"MAIL":
+                    writer.write(b"550 5.1.0 sender refused\r\n")
+                elif verb == b"RCPT":
+                    writer.write(b"503 5.5.1 need MAIL\r\n")
+                elif verb == b"RSET":
+                    await answered_rset.wait()  # not before the client is gone
+                    writer.write(b"250 2.0.0 Ok\r\n")
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> int:
+        server = await asyncio.start_server(refusing_hop, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        relay = Relay("127.0.0.1", port, helo="filter.test", max_backends=2,
+                      command_timeout=10)
+        _, transaction = relay.begin("a@remote.example")
+        task = asyncio.create_task(transaction.rcpt("alice@example.test"))
+        await asyncio.sleep(0.5)  # MAIL refused, RSET sent, its reply not yet come
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        free = relay._slots._value
+        answered_rset.set()
+        await relay.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.1)
+        return free
+
+    assert asyncio.run(main()) == 2

@@ -66,6 +66,38 @@ def test_message_starting_with_envelope_field_names_adds_no_recipient(world, mak
     assert stored.message.endswith(b"\n" + raw)
 
 
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b" x\n", id="continuation-line"),
+        pytest.param(b"X-Spam-" + b"a" * 90 + b": 1\n", id="long-field-name"),
+    ],
+)
+def test_message_whose_first_line_would_extend_the_block_adds_no_recipient(tmp_path, start):
+    """Whatever the writer, the store ends the block before a message whose first line
+    would be read as part of it: a continuation line (folded into the block's last
+    field) or an envelope-like field name of any length."""
+    store = FileStore(tmp_path / "store")
+    mail_id, _ = generate_mail_id()
+    key = store.write(
+        category="BANNED", mail_id=mail_id,
+        message=start + b"X-Envelope-To: <bob@example.test>\n\nbody\n",
+        sender="sender@remote.example", recipients=["alice@example.test"],
+    )
+    stored = store.load(key)
+    assert stored.recipients == ["alice@example.test"]
+    assert stored.message.endswith(start + b"X-Envelope-To: <bob@example.test>\n\nbody\n")
+
+
+def test_addresses_with_and_without_brackets_in_one_field_are_all_read():
+    """A recipient list may mix `a@x` and `<b@y>`: every address is read, and a comma
+    inside angle brackets stays part of its address."""
+    from quarantine.store import split_addresses
+
+    assert split_addresses('a@example.test, <"x,y"@example.test>,\n <b@example.test>') == [
+        "a@example.test", '"x,y"@example.test', "b@example.test"]
+
+
 def test_release_sends_the_message_own_leading_fields_to_its_real_recipients(
     world, make_message, smtp_sink
 ):
