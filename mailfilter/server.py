@@ -363,12 +363,26 @@ class FilterHandler:
         return out
 
     def _facts(self, session: Session, envelope: FilterEnvelope) -> PolicyEnvelope:
+        """What the checks know of the transaction. Behind Postfix the client is the one
+        Postfix named in XFORWARD (a trusted peer's word), not Postfix itself: the DNS
+        checks must look up the sending MTA, not 127.0.0.1."""
         peer = session.peer or ("", 0)
+        address, name, helo = str(peer[0]), "", session.host_name or ""
+        forwarded = envelope.xforward
+        if forwarded and forwarded.get("ADDR"):
+            address = forwarded["ADDR"]
+            if address[:5].upper() == "IPV6:":
+                address = address[5:]
+            name = forwarded.get("NAME") or ""
+            if name.upper() == "[UNAVAILABLE]":
+                name = ""
+            helo = forwarded.get("HELO") or ""
         return PolicyEnvelope(
             sender=_reverse_path(envelope.mail_from or ""),
             recipients=tuple(envelope.rcpt_tos),
-            client_address=str(peer[0]),
-            helo=session.host_name or "",
+            client_address=address,
+            client_name=name,
+            helo=helo,
             smtputf8=envelope.smtp_utf8,
             relay_client=self._relay_client(session, envelope),
         )

@@ -641,3 +641,32 @@ def test_what_the_policy_prepared_is_cancelled_on_rset_and_quit_and_used_after_d
     while not policy.prepared[3].cancelled and time.monotonic() < deadline:
         time.sleep(0.02)
     assert policy.prepared[3].cancelled
+
+
+def test_behind_postfix_the_checks_see_the_client_postfix_names_in_xforward(start_filter, raw):
+    """Behind Postfix the worker's peer is Postfix itself (127.0.0.1): the checks, the DNS
+    block lists above all, must get the client Postfix names in XFORWARD (address, name,
+    HELO), or they would look up Postfix and never find a listed sender."""
+    seen = []
+
+    class Recording:
+        async def decide(self, message, envelope, profile):
+            from mailfilter.policy import CLEAN
+
+            seen.append(envelope)
+            return CLEAN
+
+    worker = start_filter(policy=Recording())
+    client = raw(worker.port)
+    client.reply()
+    client.command(b"EHLO postfix.test")
+    assert client.command(
+        b"XFORWARD NAME=mx.remote.example ADDR=IPV6:2001:db8::25 HELO=mx.remote.example"
+    ).startswith(b"250")
+    client.command(b"MAIL FROM:<a@remote.example>")
+    client.command(b"RCPT TO:<alice@example.test>")
+    client.command(b"DATA")
+    assert client.command(b"Subject: hi\r\n\r\nhello\r\n.").startswith(b"250")
+    [envelope] = seen
+    assert (envelope.client_address, envelope.client_name, envelope.helo) == (
+        "2001:db8::25", "mx.remote.example", "mx.remote.example")
