@@ -3,11 +3,14 @@ tests that need it, one real slapd per session (see tests/directory/slapd.py).""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from ldap.dn import escape_dn_chars
 
+from directory.models import Address
 from tests.directory.slapd import SYNC_DN, SYNC_PW, Slapd, mail_object, person, start_slapd
 
 
@@ -25,6 +28,32 @@ def relay_map(settings, tmp_path):
     settings.RELAY_MAP_LOCK_TIMEOUT = 5
     settings.DIRECTORY_SYNC_LOCK = root / "directory-sync.lock"
     return settings.RELAY_MAP_PATH
+
+
+def map_keys(settings) -> list[str]:
+    """The addresses in the relay map's text, in its order."""
+    return [line.split()[0] for line in settings.RELAY_MAP_PATH.read_text().splitlines()]
+
+
+def addresses_of(username: str) -> set[str]:
+    """The addresses the viewer user `username` has."""
+    return set(Address.objects.filter(user__username=username)
+               .values_list("address", flat=True))
+
+
+def postmap_query(key: str, path: Path) -> subprocess.CompletedProcess:
+    """`postmap -q key hash:path`, with its output."""
+    return subprocess.run(["postmap", "-q", key, f"hash:{path}"], capture_output=True,
+                          text=True)
+
+
+def unsupported_postmap_type() -> str:
+    """A map type this Postfix does not support (lmdb or cdb), to make postmap fail."""
+    types = subprocess.run(["postconf", "-m"], capture_output=True, text=True).stdout.split()
+    for kind in ("lmdb", "cdb"):
+        if kind not in types:
+            return kind
+    pytest.fail("this Postfix supports both lmdb and cdb: no type left to make postmap fail")
 
 
 @pytest.fixture(scope="session")

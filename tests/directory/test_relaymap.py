@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import io
 import re
-import subprocess
 import threading
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from directory.relaymap import (
     write_address_file,
     write_relay_map,
 )
+from tests.directory.conftest import postmap_query, unsupported_postmap_type
 
 pytestmark = pytest.mark.django_db
 
@@ -38,19 +38,6 @@ def _give(username: str, *addresses: str) -> User:
     for address in addresses:
         Address.objects.create(user=user, address=address, source=Address.SOURCE_LOCAL)
     return user
-
-
-def _postmap_query(key: str, path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["postmap", "-q", key, f"hash:{path}"], capture_output=True,
-                          text=True)
-
-
-def _unsupported_postmap_type() -> str:
-    types = subprocess.run(["postconf", "-m"], capture_output=True, text=True).stdout.split()
-    for kind in ("lmdb", "cdb"):
-        if kind not in types:
-            return kind
-    pytest.fail("this Postfix supports both lmdb and cdb: no type left to make postmap fail")
 
 
 def test_map_lists_every_address_once_lower_cased_and_sorted(settings, relay_map, tmp_path):
@@ -127,8 +114,8 @@ def test_postmap_builds_the_database_postfix_reads(relay_map):
     write_relay_map()
 
     assert Path(f"{relay_map}.db").exists()
-    assert _postmap_query("alice@example.test", relay_map).stdout.strip() == "OK"
-    assert _postmap_query("nobody@example.test", relay_map).returncode == 1
+    assert postmap_query("alice@example.test", relay_map).stdout.strip() == "OK"
+    assert postmap_query("nobody@example.test", relay_map).returncode == 1
 
 
 def test_map_without_postmap_is_plain_text_for_texthash(settings, relay_map):
@@ -147,7 +134,7 @@ def test_postmap_failure_keeps_the_previous_map_and_database(settings, relay_map
     old_text = relay_map.read_bytes()
     old_db = Path(f"{relay_map}.db").read_bytes()
     _give("bob", "bob@example.test")
-    settings.RELAY_MAP_POSTMAP = _unsupported_postmap_type()
+    settings.RELAY_MAP_POSTMAP = unsupported_postmap_type()
 
     with pytest.raises(PostmapFailed, match="previous map is kept"):
         write_relay_map()
@@ -166,7 +153,7 @@ def test_postmap_runs_without_a_shell_even_for_odd_paths(settings, tmp_path):
 
     write_relay_map()
 
-    assert _postmap_query("alice@example.test", settings.RELAY_MAP_PATH).stdout.strip() == "OK"
+    assert postmap_query("alice@example.test", settings.RELAY_MAP_PATH).stdout.strip() == "OK"
     assert not any(p.name.startswith("pwned") for p in Path.cwd().iterdir())
     assert not any(p.name.startswith("pwned") for p in tmp_path.rglob("*"))
 
@@ -182,7 +169,7 @@ def test_replacing_the_map_keeps_the_previous_version_and_is_world_readable(rela
     assert Path(f"{relay_map}.previous").read_text() == first
     assert Path(f"{relay_map}.db.previous").exists()
     assert relay_map.stat().st_mode & 0o777 == 0o644
-    assert _postmap_query("bob@example.test", relay_map).stdout.strip() == "OK"
+    assert postmap_query("bob@example.test", relay_map).stdout.strip() == "OK"
 
 
 def test_readers_only_ever_see_a_complete_map(relay_map):

@@ -16,18 +16,10 @@ from directory.ldap import BaseDNNotFound, DirectoryUnreachable
 from directory.models import Address, DirectoryIdentity
 from directory.relaymap import RelayMapShrinkRefused
 from directory.sync import DirectoryEmpty, SyncBusy, sync_directory
+from tests.directory.conftest import addresses_of, map_keys
 from tests.directory.slapd import BIG_OU, big_ldif_expected, mail_object
 
 pytestmark = [pytest.mark.slapd, pytest.mark.django_db]
-
-
-def _map(settings) -> list[str]:
-    return [line.split()[0] for line in settings.RELAY_MAP_PATH.read_text().splitlines()]
-
-
-def _addresses(username: str) -> set[str]:
-    return set(Address.objects.filter(user__username=username)
-               .values_list("address", flat=True))
 
 
 def test_sync_finds_every_address_of_a_directory_larger_than_a_page(settings, directory):
@@ -45,11 +37,11 @@ def test_sync_finds_every_address_of_a_directory_larger_than_a_page(settings, di
     with_mail = expected["users"] | expected["shared"]
     aliases = {a.replace("person", "p") for a in with_mail}
     assert set(Address.objects.values_list("address", flat=True)) == with_mail | aliases
-    assert set(_map(settings)) == with_mail | aliases | expected["others"]
+    assert set(map_keys(settings)) == with_mail | aliases | expected["others"]
     assert summary.users_added == len(people)
     assert summary.map_only == len(expected["others"])
     assert summary.conflicts == []
-    assert "ws01@example.test" not in _map(settings)
+    assert "ws01@example.test" not in map_keys(settings)
     assert elapsed < 60
 
 
@@ -66,7 +58,7 @@ def test_a_person_is_named_by_the_primary_address_and_gets_all_smtp_addresses(di
     user = User.objects.get()
     assert user.username == "alice.smith@example.test"
     assert user.is_active and not user.has_usable_password()
-    assert _addresses(user.username) == {
+    assert addresses_of(user.username) == {
         "alice.smith@example.test", "a.smith@example.test", "odd.case@example.test",
         "alice@example.test"}
     assert set(Address.objects.values_list("source", flat=True)) == {Address.SOURCE_LDAP}
@@ -90,7 +82,7 @@ def test_groups_contacts_and_public_folders_go_into_the_map_but_are_not_users(
     summary = sync_directory()
 
     assert list(User.objects.values_list("username", flat=True)) == ["alice@example.test"]
-    assert _map(settings) == [
+    assert map_keys(settings) == [
         "alice@example.test", "bob@partner.example", "help@example.test",
         "partner.bob@example.test", "sales@example.test", "vertrieb@example.test"]
     assert summary.map_only == 5
@@ -113,9 +105,9 @@ def test_a_disabled_person_cannot_log_in_and_leaves_the_map_but_shared_mailboxes
     assert active == {"alice@example.test": True, "leaver@example.test": False,
                       "info@example.test": False, "room1@example.test": False,
                       "beamer@example.test": False}
-    assert _map(settings) == ["alice@example.test", "beamer@example.test",
+    assert map_keys(settings) == ["alice@example.test", "beamer@example.test",
                               "info@example.test", "room1@example.test"]
-    assert _addresses("leaver@example.test") == set()
+    assert addresses_of("leaver@example.test") == set()
 
 
 def test_an_account_disabled_later_loses_login_and_map_entry(settings, directory):
@@ -128,7 +120,7 @@ def test_an_account_disabled_later_loses_login_and_map_entry(settings, directory
 
     assert not User.objects.get(username="bob@example.test").is_active
     assert summary.users_disabled == 1
-    assert _map(settings) == ["alice@example.test"]
+    assert map_keys(settings) == ["alice@example.test"]
 
 
 def test_a_renamed_and_moved_person_stays_the_same_user(settings, slapd, directory):
@@ -146,7 +138,7 @@ def test_a_renamed_and_moved_person_stays_the_same_user(settings, slapd, directo
     user = User.objects.get(pk=user_pk)
     assert user.username == "alice.married@example.test"
     assert user.directory_identity.dn == new_dn
-    assert _addresses(user.username) == {"alice.married@example.test", "alice@example.test"}
+    assert addresses_of(user.username) == {"alice.married@example.test", "alice@example.test"}
     assert User.objects.count() == 2
     assert summary.users_added == 0 and summary.users_updated == 1
 
@@ -162,8 +154,8 @@ def test_an_address_moved_in_the_directory_moves_between_users(directory):
 
     summary = sync_directory()
 
-    assert _addresses("alice@example.test") == {"alice@example.test"}
-    assert _addresses("bob@example.test") == {"bob@example.test", "sales@example.test"}
+    assert addresses_of("alice@example.test") == {"alice@example.test"}
+    assert addresses_of("bob@example.test") == {"bob@example.test", "sales@example.test"}
     assert (summary.addresses_moved, summary.addresses_added, summary.addresses_removed
             ) == (1, 0, 0)
 
@@ -179,7 +171,7 @@ def test_an_address_claimed_by_two_objects_goes_to_neither_and_is_reported(
     summary = sync_directory()
 
     assert not Address.objects.filter(address="team@example.test").exists()
-    assert "team@example.test" in _map(settings)
+    assert "team@example.test" in map_keys(settings)
     assert len(summary.conflicts) == 1
     assert "team@example.test is claimed by 3 directory objects" in summary.conflicts[0]
 
@@ -197,8 +189,8 @@ def test_a_person_removed_from_the_directory_is_disabled_and_local_edits_stay(
 
     bob_user.refresh_from_db()
     assert not bob_user.is_active
-    assert _addresses("bob@example.test") == {"bob.private@example.test"}
-    assert _map(settings) == ["alice@example.test", "bob.private@example.test"]
+    assert addresses_of("bob@example.test") == {"bob.private@example.test"}
+    assert map_keys(settings) == ["alice@example.test", "bob.private@example.test"]
     assert (summary.users_disabled, summary.addresses_removed) == (1, 1)
 
 
@@ -215,9 +207,9 @@ def test_clear_deletes_directory_users_that_are_gone_and_keeps_local_users(
 
     assert set(User.objects.values_list("username", flat=True)) == {
         "alice@example.test", "carol"}
-    assert _addresses("carol") == {"carol@example.test"}
+    assert addresses_of("carol") == {"carol@example.test"}
     assert summary.users_deleted == 1
-    assert _map(settings) == ["alice@example.test", "carol@example.test"]
+    assert map_keys(settings) == ["alice@example.test", "carol@example.test"]
 
 
 def test_a_local_address_is_a_conflict_by_default_and_redrawn_by_clear(directory):
@@ -229,14 +221,14 @@ def test_a_local_address_is_a_conflict_by_default_and_redrawn_by_clear(directory
 
     summary = sync_directory()
 
-    assert _addresses("carol") == {"alice.old@example.test", "carol@example.test"}
-    assert _addresses("alice@example.test") == {"alice@example.test"}
+    assert addresses_of("carol") == {"alice.old@example.test", "carol@example.test"}
+    assert addresses_of("alice@example.test") == {"alice@example.test"}
     assert any("belongs to the local user carol" in c for c in summary.conflicts)
 
     summary = sync_directory(clear=True)
 
-    assert _addresses("carol") == {"carol@example.test"}
-    assert _addresses("alice@example.test") == {"alice@example.test",
+    assert addresses_of("carol") == {"carol@example.test"}
+    assert addresses_of("alice@example.test") == {"alice@example.test",
                                                 "alice.old@example.test"}
     assert summary.addresses_moved == 1
 
@@ -265,7 +257,7 @@ def test_hostile_directory_values_never_reach_users_or_the_map(settings, directo
 
     summary = sync_directory()
 
-    assert _addresses("alice@example.test") == {"alice@example.test", "fine@example.test"}
+    assert addresses_of("alice@example.test") == {"alice@example.test", "fine@example.test"}
     assert settings.RELAY_MAP_PATH.read_text() == (
         "alice@example.test OK\nfine@example.test OK\n")
     assert len(summary.invalid) == 9
@@ -284,7 +276,7 @@ def test_an_unreachable_directory_changes_nothing(settings, directory):
         sync_directory(clear=True)
 
     assert User.objects.get().is_active
-    assert _addresses("alice@example.test") == {"alice@example.test"}
+    assert addresses_of("alice@example.test") == {"alice@example.test"}
     assert settings.RELAY_MAP_PATH.read_bytes() == before
 
 
@@ -331,7 +323,7 @@ def test_a_sync_that_would_shrink_the_map_too_much_is_refused_unless_forced(
     sync_directory(force=True)
 
     assert User.objects.filter(is_active=True).count() == 2
-    assert len(_map(settings)) == 2
+    assert len(map_keys(settings)) == 2
 
 
 def test_a_dry_run_reports_and_changes_nothing(settings, directory):

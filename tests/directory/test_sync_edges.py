@@ -11,10 +11,8 @@ Rules checked here (spec: /work/shared/spec/active-directory.md, directory/sync.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
@@ -25,30 +23,14 @@ from directory.models import Address
 from directory.relaymap import PostmapFailed, write_relay_map
 from directory.sync import SyncBusy, sync_directory
 from directory.tasks import sync_directory_task
+from tests.directory.conftest import (
+    addresses_of,
+    map_keys,
+    postmap_query,
+    unsupported_postmap_type,
+)
 
 pytestmark = [pytest.mark.slapd, pytest.mark.django_db]
-
-
-def _map(settings) -> list[str]:
-    return [line.split()[0] for line in settings.RELAY_MAP_PATH.read_text().splitlines()]
-
-
-def _addresses(username: str) -> set[str]:
-    return set(Address.objects.filter(user__username=username)
-               .values_list("address", flat=True))
-
-
-def _postmap_query(key: str, path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["postmap", "-q", key, f"hash:{path}"], capture_output=True,
-                          text=True)
-
-
-def _unsupported_postmap_type() -> str:
-    types = subprocess.run(["postconf", "-m"], capture_output=True, text=True).stdout.split()
-    for kind in ("lmdb", "cdb"):
-        if kind not in types:
-            return kind
-    pytest.fail("this Postfix supports both lmdb and cdb: no type left to make postmap fail")
 
 
 def _staff(directory, count: int = 6) -> list[str]:
@@ -71,7 +53,7 @@ def test_a_person_recreated_in_the_directory_keeps_receiving_mail_and_gets_a_use
     old = directory.person("Alice", mail="alice@example.test",
                            proxy=["SMTP:alice@example.test", "smtp:a.smith@example.test"])
     sync_directory()
-    assert "alice@example.test" in _map(settings)
+    assert "alice@example.test" in map_keys(settings)
     directory.slapd.delete(old)
     directory.person("Alice", mail="alice@example.test",
                      proxy=["SMTP:alice@example.test", "smtp:a.smith@example.test"],
@@ -79,7 +61,7 @@ def test_a_person_recreated_in_the_directory_keeps_receiving_mail_and_gets_a_use
 
     sync_directory()
 
-    assert {"alice@example.test", "a.smith@example.test"} <= set(_map(settings))
+    assert {"alice@example.test", "a.smith@example.test"} <= set(map_keys(settings))
     owner = Address.objects.select_related("user").get(address="alice@example.test").user
     assert owner.is_active
 
@@ -103,7 +85,7 @@ def test_a_recreated_account_does_not_take_over_addresses_given_by_hand(settings
     summary = sync_directory()
 
     assert summary.conflicts
-    assert "alice@example.test" in _map(settings)
+    assert "alice@example.test" in map_keys(settings)
     assert Address.objects.get(address="board@example.test").user == old_user
     assert not User.objects.get(pk=old_user.pk).is_active
 
@@ -122,7 +104,7 @@ def test_a_person_skipped_for_a_local_name_clash_stays_in_the_relay_map(settings
     summary = sync_directory()
 
     assert any("a local user named alice@example.test exists" in c for c in summary.conflicts)
-    assert {"alice@example.test", "a.smith@example.test"} <= set(_map(settings))
+    assert {"alice@example.test", "a.smith@example.test"} <= set(map_keys(settings))
 
 
 # --- a sync that fails half-way --------------------------------------------------------
@@ -137,13 +119,13 @@ def test_a_sync_whose_relay_map_write_fails_changes_nothing(settings, directory)
     bob = directory.person("Bob", mail="bob@example.test")
     sync_directory()
     directory.slapd.delete(bob)
-    settings.RELAY_MAP_POSTMAP = _unsupported_postmap_type()
+    settings.RELAY_MAP_POSTMAP = unsupported_postmap_type()
 
     result = sync_directory_task()
 
     assert result.startswith("failed, nothing changed")
     assert User.objects.get(username="bob@example.test").is_active
-    assert _addresses("bob@example.test") == {"bob@example.test"}
+    assert addresses_of("bob@example.test") == {"bob@example.test"}
 
 
 def test_a_failed_map_write_does_not_leave_writerelaymap_a_map_without_valid_addresses(
@@ -159,14 +141,14 @@ def test_a_failed_map_write_does_not_leave_writerelaymap_a_map_without_valid_add
     directory.slapd.modify(alice, {"proxyAddresses": ["SMTP:alice@example.test"]})
     directory.object("group", "Sales", proxy=["SMTP:sales@example.test"])
     hash_type = settings.RELAY_MAP_POSTMAP
-    settings.RELAY_MAP_POSTMAP = _unsupported_postmap_type()
+    settings.RELAY_MAP_POSTMAP = unsupported_postmap_type()
     with pytest.raises(PostmapFailed):
         sync_directory()
     settings.RELAY_MAP_POSTMAP = hash_type
 
     write_relay_map()
 
-    assert "sales@example.test" in _map(settings)
+    assert "sales@example.test" in map_keys(settings)
 
 
 def test_the_side_file_and_the_map_are_replaced_together(settings, directory, monkeypatch):
@@ -189,7 +171,7 @@ def test_the_side_file_and_the_map_are_replaced_together(settings, directory, mo
 
     sync_directory()
 
-    assert "sales@example.test" in _map(settings)
+    assert "sales@example.test" in map_keys(settings)
 
 
 # --- the map's text and its database --------------------------------------------------
@@ -210,9 +192,9 @@ def test_the_postmap_database_never_disagrees_with_the_text(settings, directory)
     except relaymap.RelayMapError:
         pass
 
-    text = _map(settings)
+    text = map_keys(settings)
     for key in text:
-        assert _postmap_query(key, settings.RELAY_MAP_PATH).stdout.strip() == "OK", key
+        assert postmap_query(key, settings.RELAY_MAP_PATH).stdout.strip() == "OK", key
 
 
 # --- checked and found correct -----------------------------------------------------------
@@ -228,7 +210,7 @@ def test_a_referral_under_the_base_dn_is_skipped_and_the_rest_is_read(settings, 
 
     sync_directory()
 
-    assert _map(settings) == ["staff0@example.test", "staff1@example.test"]
+    assert map_keys(settings) == ["staff0@example.test", "staff1@example.test"]
 
 
 def test_a_base_dn_that_is_a_referral_fails_the_sync_without_changes(settings, directory):
@@ -338,4 +320,4 @@ def test_a_first_login_during_the_sync_does_not_break_the_sync(settings, directo
 
     assert logged_in and logged_in[0] is not None
     assert result.startswith("4 directory objects"), result
-    assert _addresses("new@example.test") == {"new@example.test"}
+    assert addresses_of("new@example.test") == {"new@example.test"}

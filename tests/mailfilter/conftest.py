@@ -7,16 +7,22 @@ whose next hop is that recorder (or any port given) and stops it after the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import socketserver
+import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 from aiosmtpd.smtp import SMTP
 
 from mailfilter.config import FilterConfig
 from mailfilter.interfaces import Profile, StaticRecipientLookup
+from mailfilter.policy import CLEAN
 from mailfilter.server import FilterServer, ServerThread
 
 
@@ -155,6 +161,17 @@ class QuarantineEverything:
 
 
 @dataclass
+class RecordingPolicy:
+    """A policy that passes every message and records (relay client?, profile name)."""
+
+    seen: list = field(default_factory=list)
+
+    async def decide(self, message, envelope, profile):
+        self.seen.append((envelope.relay_client, profile.name))
+        return CLEAN
+
+
+@dataclass
 class RunningFilter:
     server: FilterServer
     thread: ServerThread
@@ -269,3 +286,42 @@ def raw():
     yield connect
     for client in clients:
         client.close()
+
+
+class LoopbackServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server for scripted next hops: daemon threads, address reuse."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@contextlib.contextmanager
+def scripted_next_hop(
+    handler: type[socketserver.BaseRequestHandler], **state
+) -> Iterator[SimpleNamespace]:
+    """Serve `handler` on an ephemeral loopback port in a thread until the block ends.
+
+    Yields the hop's state: an object with the given attributes and `port`, which the
+    handler reaches as `self.server.hop`."""
+    server = LoopbackServer(("127.0.0.1", 0), handler)
+    server.hop = SimpleNamespace(**state, port=server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.hop
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for CN=filter.test made with openssl: (cert, key) paths."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=filter.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,14 @@ def start_runfilter(env_extra: dict[str, str]) -> subprocess.Popen:
         [sys.executable, "manage.py", "runfilter"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM to a process still running, SIGKILL if it has not exited 10 s later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import smtplib
 import socketserver
-import threading
 
 import pytest
 
 from mailfilter.interfaces import StaticRecipientLookup
 from mailfilter.policy import CheckPolicy
 from mailfilter.profiles import parse_profile
+
+from .conftest import scripted_next_hop
 
 
 class _ChunkingHop(socketserver.StreamRequestHandler):
@@ -46,26 +47,17 @@ class _ChunkingHop(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 2.0.0 Ok\r\n")
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 @pytest.fixture
 def chunking_hop():
-    server = _Server(("127.0.0.1", 0), _ChunkingHop)
-    server.hop = type("Hop", (), {})()
-    server.hop.commands = []
-    server.hop.bodies = []
-    server.hop.bdat_reply = b"250 2.0.0 Ok: queued as CHUNKED"
-    server.hop.mail_reply = b"250 2.1.0 Ok"
-    server.hop.mail_refused = False
-    server.hop.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.hop
-    server.shutdown()
-    server.server_close()
+    with scripted_next_hop(
+        _ChunkingHop,
+        commands=[],
+        bodies=[],
+        bdat_reply=b"250 2.0.0 Ok: queued as CHUNKED",
+        mail_reply=b"250 2.1.0 Ok",
+        mail_refused=False,
+    ) as hop:
+        yield hop
 
 
 MESSAGE = (

@@ -16,6 +16,8 @@ import pytest
 
 from mailfilter.policy import CLEAN
 
+from .conftest import scripted_next_hop
+
 MESSAGE = b"From: a@remote.example\r\nTo: alice@example.test\r\nSubject: edges\r\n\r\nbody\r\n"
 
 
@@ -70,27 +72,17 @@ class _HangingHopHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"250 2.0.0 Ok\r\n")
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 @pytest.fixture
 def hanging_hop():
-    server = _Server(("127.0.0.1", 0), _HangingHopHandler)
-    hop = type("Hop", (), {})()
-    hop.lock = threading.Lock()
-    hop.hang = 1
-    hop.release = threading.Event()
-    hop.delivered = []
-    hop.port = server.server_address[1]
-    server.hop = hop
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield hop
-    hop.release.set()
-    server.shutdown()
-    server.server_close()
+    with scripted_next_hop(
+        _HangingHopHandler,
+        lock=threading.Lock(),
+        hang=1,
+        release=threading.Event(),
+        delivered=[],
+    ) as hop:
+        yield hop
+        hop.release.set()
 
 
 # LMTP: one reply per accepted recipient, also for a refusal at the end of DATA ---------
@@ -314,20 +306,6 @@ def test_bdat_is_not_offered_and_is_refused(start_filter, raw):
 
 
 # STARTTLS ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    import subprocess
-
-    directory = tmp_path_factory.mktemp("tls-edges")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=filter.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
 
 
 def _tls_context(cert):

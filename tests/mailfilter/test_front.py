@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
-import subprocess
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
 from mailfilter.config import ConfigError, FilterConfig
-from mailfilter.policy import CLEAN
 from mailfilter.server import FilterServer
 
-from .conftest import MemorySink
+from .conftest import MemorySink, RecordingPolicy
 
 MESSAGE = b"From: a@remote.example\r\nSubject: front\r\n\r\nbody\r\n"
 
@@ -77,15 +74,6 @@ def test_relay_map_is_read_again_when_it_changes(start_filter, relay_map):
     assert _rcpt_codes(worker.port, "a@remote.example", ["new@ourdomain.test"]) == [250]
 
 
-@dataclass
-class RecordingPolicy:
-    seen: list = field(default_factory=list)
-
-    async def decide(self, message, envelope, profile):
-        self.seen.append((envelope.relay_client, profile.name))
-        return CLEAN
-
-
 def test_relay_ips_may_send_anywhere_under_the_relay_profile(start_filter, next_hop, relay_map):
     policy = RecordingPolicy()
     worker = start_filter(mode="front", relay_map_path=str(relay_map),
@@ -122,18 +110,6 @@ def test_xforward_from_an_untrusted_peer_is_refused_in_front_mode(start_filter, 
     client.reply()
     assert b"XFORWARD" not in client.command(b"EHLO mx.remote.example")
     assert client.command(b"XFORWARD ADDR=10.1.2.3 HELO=trusted.example")[:3] == b"550"
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=filter.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
 
 
 def test_starttls_with_the_configured_certificate(start_filter, relay_map, next_hop,

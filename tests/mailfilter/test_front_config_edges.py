@@ -8,47 +8,40 @@ runfilter` where start-up matters.
 
 from __future__ import annotations
 
-import signal
 import smtplib
 import socket
 import subprocess
-from dataclasses import dataclass, field
 
 import pytest
 
 from mailfilter.config import ConfigError, FilterConfig
-from mailfilter.policy import CLEAN
 from mailfilter.profiles import ProfileError, read_profile
 from mailfilter.server import FilterServer, ServerThread, listening_sockets
-from tests.mailfilter.processes import start_runfilter
+from tests.mailfilter.processes import start_runfilter, stop_process
 
-from .conftest import MemorySink, free_port
+from .conftest import MemorySink, RecordingPolicy, free_port
 
 MESSAGE = b"From: a@remote.example\r\nSubject: edges\r\n\r\nbody\r\n"
 
 
-@dataclass
-class RecordingPolicy:
-    seen: list = field(default_factory=list)
-
-    async def decide(self, message, envelope, profile):
-        self.seen.append((envelope.relay_client, profile.name))
-        return CLEAN
-
-
 def _stop(process: subprocess.Popen) -> tuple[str, str]:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    """Stop the process if it still runs; its (stdout, stderr)."""
+    stop_process(process)
     out = process.stdout.read()
     err = process.stderr.read()
     process.stdout.close()
     process.stderr.close()
     return out, err
+
+
+def _outputs_once_exited(process: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
+    """(stdout, stderr) of a process that must exit by itself; one still running after
+    `timeout` seconds is stopped and fails the test."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, _ = _stop(process)
+        pytest.fail(f"still running after {timeout} s: {out!r}")
 
 
 def _port_of(line: str) -> int:
@@ -166,11 +159,7 @@ def test_metrics_listen_with_several_processes_is_refused_at_start(tmp_path):
         "QUARANTINE_DIR": str(tmp_path / "q"),
         "FILTER_PID_FILE": str(tmp_path / "filter.pid"),
     })
-    try:
-        out, err = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        out, err = _stop(process)
-        pytest.fail(f"still running: {out!r}")
+    out, err = _outputs_once_exited(process)
     assert process.returncode != 0
     assert "FILTER_METRICS_LISTEN" in err and "FILTER_PROCESSES" in err, err[-1500:]
     assert "filter listening" not in out
@@ -191,14 +180,7 @@ def test_a_missing_tls_certificate_stops_the_start_naming_the_setting(tmp_path, 
         "QUARANTINE_DIR": str(tmp_path / "q"),
         "FILTER_PID_FILE": str(tmp_path / "filter.pid"),
     })
-    try:
-        out, err = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        out, err = _stop(process)
-        pytest.fail(f"still running with a missing certificate: {out!r}")
-    finally:
-        process.stdout.close()
-        process.stderr.close()
+    out, err = _outputs_once_exited(process)
     assert process.returncode != 0
     assert "FILTER_TLS_CERT" in err, err[-1500:]
     assert "filter listening" not in out

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mailfilter.processes import stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@remote.example\r\nSubject: modes\r\n\r\nbody\r\n"
 
@@ -55,13 +57,7 @@ def runfilter(tmp_path):
 
     yield start
     for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
         process.stdout.close()
         process.stderr.close()
 

@@ -22,6 +22,8 @@ import pytest
 
 from mailfilter.policy import CLEAN
 
+from .conftest import LoopbackServer
+
 MESSAGE = b"From: a@remote.example\r\nSubject: next hop\r\n\r\nbody\r\n"
 
 
@@ -90,10 +92,7 @@ class _HopHandler(socketserver.StreamRequestHandler):
             lines.append(line[1:] if line.startswith(b".") else line)
 
 
-class ScriptedHop(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class ScriptedHop(LoopbackServer):
     def __init__(self, *, lmtp: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _HopHandler)
         self.lmtp = lmtp
