@@ -319,13 +319,19 @@ class FilterHandler:
             self.stats.inc("bytes_rejected", size)
             return Reply(554, f"5.{detail} Rejected: {reason}")
         try:
-            mail_id = await self.sink.write(
-                category=verdict.category or "BADH",
-                message=self._received(session, envelope) + content,
-                sender=_reverse_path(envelope.mail_from or ""),
-                recipients=list(envelope.rcpt_tos),
-                reasons=list(verdict.reasons),
-                headers=list(verdict.quarantine_headers),
+            # The store is this message's next hop: it gets as long as the next hop would
+            # (a stalled disk or database gives 451, not a session held for ever; a copy
+            # finished after that only makes the retried one a duplicate).
+            mail_id = await asyncio.wait_for(
+                self.sink.write(
+                    category=verdict.category or "BADH",
+                    message=self._received(session, envelope) + content,
+                    sender=_reverse_path(envelope.mail_from or ""),
+                    recipients=list(envelope.rcpt_tos),
+                    reasons=list(verdict.reasons),
+                    headers=list(verdict.quarantine_headers),
+                ),
+                self.config.relay_data_timeout,
             )
         except Exception:
             log.exception("quarantine failed; answering 451")

@@ -161,6 +161,32 @@ def test_command_timeout_does_not_fire_while_the_next_hop_answers_rcpt(
     assert code == 451, (code, text)
 
 
+def test_a_quarantine_write_that_does_not_finish_gives_451_in_time(start_filter, next_hop):
+    """The quarantine copy gets as long as the next hop would (FILTER_RELAY_DATA_TIMEOUT):
+    a store or database that stalls gives the client a 451 then, rather than holding the
+    session while the worker's own work keeps the command timer off."""
+    from tests.mailfilter.conftest import QuarantineEverything
+
+    class StalledSink:
+        async def write(self, **fields) -> str:
+            await asyncio.sleep(30)
+            return "never"
+
+    worker = start_filter(
+        sink=StalledSink(), policy=QuarantineEverything(destiny="discard"),
+        relay_data_timeout=0.5,
+    )
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", worker.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("a@remote.example")
+        client.rcpt("alice@example.test")
+        code, text = client.data(MESSAGE)
+    assert code == 451 and b"copy" in text, (code, text)
+    assert time.monotonic() - started < 5
+    assert next_hop.deliveries == []
+
+
 def test_command_timeout_is_enforced_after_a_message_when_data_timeout_is_longer(
     start_filter, next_hop, raw
 ):
