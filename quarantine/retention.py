@@ -60,9 +60,9 @@ def prune_quarantine(
         cutoff = now - timedelta(days=max_age_days)
         summary.expired = _delete_oldest(Message.objects.filter(received_at__lt=cutoff))
     if max_size_mb > 0:
-        excess = _total_size() - max_size_mb * 1024 * 1024
-        if excess > 0:
-            summary.over_size = _delete_oldest(Message.objects.all(), up_to_bytes=excess)
+        summary.over_size = _delete_oldest(
+            Message.objects.all(), down_to_bytes=max_size_mb * 1024 * 1024
+        )
 
     store = get_store()
     if store.root.is_dir():
@@ -80,26 +80,32 @@ def _total_size() -> int:
     return Message.objects.aggregate(total=Sum("file_size"))["total"] or 0
 
 
-def _delete_oldest(messages, *, up_to_bytes: int | None = None) -> int:
+def _delete_oldest(messages, *, down_to_bytes: int | None = None) -> int:
     """Delete messages oldest first, a batch per transaction.
 
-    With `up_to_bytes`, stop once the deleted files add up to at least that many bytes.
-    Each batch is read afresh: rows deleted meanwhile (by a user) are simply not found.
+    With `down_to_bytes`, stop once the whole quarantine is no larger than that. The size
+    is read again before each batch, so that rows deleted meanwhile (by a user, or by
+    another run of this at the same time) count: two runs never delete more between them
+    than one would. Each batch is read afresh: rows deleted meanwhile are not found.
     """
     deleted = 0
-    freed = 0
     while True:
+        excess = None
+        if down_to_bytes is not None:
+            excess = _total_size() - down_to_bytes
+            if excess <= 0:
+                break
         rows = list(
             messages.order_by("received_at", "id").values_list("id", "file_size")[:BATCH_SIZE]
         )
         if not rows:
             break
-        if up_to_bytes is not None:
-            take = []
+        if excess is not None:
+            take, freed = [], 0
             for row_id, size in rows:
                 take.append(row_id)
                 freed += size
-                if freed >= up_to_bytes:
+                if freed >= excess:
                     break
         else:
             take = [row_id for row_id, _ in rows]
@@ -107,8 +113,6 @@ def _delete_oldest(messages, *, up_to_bytes: int | None = None) -> int:
             Message.objects.filter(id__in=take), action=AuditEvent.Action.PRUNE
         )
         deleted += count
-        if count == 0:
-            break
-        if up_to_bytes is not None and freed >= up_to_bytes:
+        if count == 0 and excess is None:
             break
     return deleted

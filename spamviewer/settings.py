@@ -285,6 +285,14 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
+# The jobs (index, prune, directory sync) are safe to run again: a worker that dies in
+# the middle leaves its job to be delivered again rather than lost, and a job stuck on a
+# hung disk or directory is stopped (soft: the job's own clean-up runs) within the hour.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = 55 * 60
+CELERY_TASK_TIME_LIMIT = 60 * 60
 
 
 def _crontab(expr: str, name: str):
