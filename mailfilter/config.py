@@ -501,8 +501,14 @@ def postfix_snippet(
             f"{host}:{config.next_hop_port} inet n - n - - smtpd",
             {
                 "content_filter": "",
+                # Before the queue (proxy_filter) this smtpd is the only one that hands
+                # mail to cleanup: header/body checks and milters run here, once
+                # (SMTPD_PROXY_README). After it (content_filter) they ran before the
+                # worker already.
                 "receive_override_options": (
-                    "no_unknown_recipient_checks,no_header_body_checks,no_milters"
+                    "no_unknown_recipient_checks"
+                    if config.mode == "proxy_filter"
+                    else "no_unknown_recipient_checks,no_header_body_checks,no_milters"
                 ),
                 "smtpd_client_restrictions": "permit_mynetworks,reject",
                 "smtpd_helo_restrictions": "",

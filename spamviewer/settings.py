@@ -6,7 +6,10 @@ the embedded ones: SQLite and the store under var/, no Redis.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -50,11 +53,21 @@ def _secret_key() -> str:
     except FileNotFoundError:
         VAR_DIR.mkdir(parents=True, exist_ok=True)
         key = secrets.token_urlsafe(50)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(key)
-        tmp.chmod(0o600)
-        tmp.replace(path)
-        return key
+        # Readable by the owner only from its first byte (mkstemp makes it 0600), under
+        # a name of its own: two processes starting at once each write a whole key, and
+        # the last rename wins for both the next time they read it.
+        fd, tmp = tempfile.mkstemp(dir=VAR_DIR, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(key)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path.read_text().strip()
 
 
 SECRET_KEY = _secret_key()
@@ -71,6 +84,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: the health probe answers whatever Host header and scheme it comes with.
+    "spamviewer.middleware.HealthCheckMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "spamviewer.middleware.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -304,13 +319,18 @@ def _crontab(expr: str, name: str):
 
         raise ImproperlyConfiguredEnv(f"{name}={expr!r}: expected five cron fields")
     minute, hour, day_of_month, month_of_year, day_of_week = parts
-    return crontab(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month_of_year,
-        day_of_week=day_of_week,
-    )
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month_of_year,
+            day_of_week=day_of_week,
+        )
+    except ValueError as exc:
+        from spamviewer.env import ImproperlyConfiguredEnv
+
+        raise ImproperlyConfiguredEnv(f"{name}={expr!r}: {exc}") from None
 
 
 CELERY_BEAT_SCHEDULE = {
@@ -337,5 +357,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": env_choice(
+        "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))},
 }

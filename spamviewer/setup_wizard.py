@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -324,6 +324,11 @@ APPLIANCE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# `.env` settings the wizard writes that the settings read with env_secret, i.e. that may
+# also come from NAME_FILE, which then takes precedence.
+SECRET_ENV_NAMES = frozenset({"LDAP_BIND_PASSWORD"})
+
+
 @dataclass
 class Answers:
     spam_destiny: str
@@ -355,7 +360,8 @@ class Answers:
 
     def env_values(self) -> dict[str, str]:
         """The `.env` settings; with Exchange off the directory server and password are
-        emptied (the other LDAP_* lines stay, as defaults for a later run)."""
+        emptied (the other LDAP_* lines stay, as defaults for a later run). Writing the
+        password also removes LDAP_BIND_PASSWORD_FILE (see update_env_text)."""
         values = {
             "QUARANTINE_MAX_SIZE_MB": str(self.quarantine_max_size_mb),
             "WEB_VIEWER": str(self.web_viewer),
@@ -492,6 +498,13 @@ def previous_answers(locations: Locations) -> dict[str, Any]:
     ):
         if env.get(name, "").strip():
             raw[key] = env[name]
+    password_file = env.get("LDAP_BIND_PASSWORD_FILE", "").strip()
+    if password_file:
+        # The settings prefer the file, so its password is the one in use.
+        try:
+            raw["ldap_bind_password"] = Path(password_file).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            raw.pop("ldap_bind_password", None)
     if "LDAP_SERVER" in env:
         # Present but empty: Exchange integration was turned off.
         raw["exchange"] = "yes" if env["LDAP_SERVER"].strip() else "no"
@@ -518,13 +531,17 @@ def _quote_env(value: str) -> str:
 
 def update_env_text(text: str, values: Mapping[str, str]) -> str:
     """`text` with each setting of `values` set: its first line replaced, later lines for
-    the same name dropped, missing names added at the end. Other lines stay as they are."""
+    the same name dropped, missing names added at the end. Other lines stay as they are,
+    except that setting a secret (SECRET_ENV_NAMES) removes its NAME_FILE lines: the
+    settings prefer the file, which would otherwise keep the old secret in use."""
 
     def name_of(line: str) -> str | None:
         match = _ENV_LINE.match(line)
         return match.group(1) if match else None
 
-    return _set_lines(text, values, name_of, lambda name, value: f"{name}={_quote_env(value)}")
+    drop = {f"{name}_FILE" for name in values if name in SECRET_ENV_NAMES}
+    return _set_lines(text, values, name_of, lambda name, value: f"{name}={_quote_env(value)}",
+                      drop=drop)
 
 
 def update_profile_text(text: str, values: Mapping[str, str]) -> str:
@@ -542,11 +559,17 @@ def _set_lines(
     values: Mapping[str, str],
     name_of: Callable[[str], str | None],
     render: Callable[[str, str], str],
+    *,
+    drop: Collection[str] = (),
 ) -> str:
+    """`text` with the settings of `values` set and every line setting a name in `drop`
+    removed."""
     seen: set[str] = set()
     out: list[str] = []
     for line in text.splitlines():
         name = name_of(line)
+        if name is not None and name in drop and name not in values:
+            continue
         if name in values:
             if name not in seen:
                 out.append(render(name, values[name]))

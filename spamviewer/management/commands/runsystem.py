@@ -1,7 +1,8 @@
 """Start every part of spamviewer in the foreground and stop them all on Ctrl-C.
 
 The parts are the web viewer (gunicorn), the filter (`runfilter`), a Celery worker and
-Celery beat. With REDIS_URL set the worker and beat use Redis; without it they get
+Celery beat. WEB_VIEWER=False (this host runs only the filter) leaves the web viewer out.
+With REDIS_URL set the worker and beat use Redis; without it they get
 EMBEDDED_BROKER=True, kombu's filesystem transport under var/celery/, so nothing else has
 to be installed or started.
 """
@@ -18,9 +19,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from spamviewer.env import env_str
+from spamviewer.env import ImproperlyConfiguredEnv, env_bool, env_str
 
 # Seconds a part may take to stop after SIGTERM before its process group is killed. The
 # worker finishes the task it is running first (Celery's warm shutdown).
@@ -81,8 +82,8 @@ def _gunicorn_has_control_socket() -> bool:
 
 class Command(BaseCommand):
     help = (
-        "Start the web viewer, the filter, a Celery worker and Celery beat; "
-        "stop them all on Ctrl-C."
+        "Start the web viewer (unless WEB_VIEWER=False), the filter, a Celery worker and "
+        "Celery beat; stop them all on Ctrl-C."
     )
 
     def add_arguments(self, parser) -> None:
@@ -93,6 +94,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
+        try:
+            web_viewer = env_bool("WEB_VIEWER", True)
+        except ImproperlyConfiguredEnv as exc:
+            raise CommandError(str(exc)) from None
         python = sys.executable
         web = options["web_listen"]
         manage = str(settings.BASE_DIR / "manage.py")
@@ -118,11 +123,13 @@ class Command(BaseCommand):
             # Nothing here uses it, and its default path is shared by every gunicorn the
             # same user runs.
             web_options = ["--no-control-socket"]
-        services = {
-            "web": [
+        services: dict[str, list[str]] = {}
+        if web_viewer:
+            services["web"] = [
                 python, "-m", "gunicorn", "spamviewer.wsgi:application",
                 "--bind", web, "--workers", "2", "--access-logfile", "-", *web_options,
-            ],
+            ]
+        services.update({
             # The filter reads FILTER_LISTEN / FILTER_NEXT_HOP (127.0.0.1:10024 -> :10025).
             "filter": [python, manage, "runfilter"],
             "worker": [
@@ -130,7 +137,11 @@ class Command(BaseCommand):
                 "--hostname", "spamviewer@%h", *worker_options,
             ],
             "beat": [*celery, "beat", "--loglevel", "INFO"],
-        }
+        })
+        if web_viewer:
+            web_line = f"Web viewer: http://{web}/"
+        else:
+            web_line = "Web viewer: off (WEB_VIEWER=False, this host runs only the filter)"
         procs: dict[str, subprocess.Popen] = {}
         stopping = False
 
@@ -148,7 +159,7 @@ class Command(BaseCommand):
                 )
             self.stdout.write(
                 self.style.SUCCESS(
-                    f"Web viewer: http://{web}/\n"
+                    f"{web_line}\n"
                     f"Filter: SMTP on {env_str('FILTER_LISTEN', '127.0.0.1:10024')}, passing "
                     f"mail to {env_str('FILTER_NEXT_HOP', '127.0.0.1:10025')}\n"
                     f"Celery worker and beat: {broker}; beat schedule "
