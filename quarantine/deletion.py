@@ -2,8 +2,11 @@
 
 A message is shared by its recipients: deleting it for one user removes that user's
 recipient rows; the message row and its file go once no recipient is left. Rows go first
-(in a transaction) and files after the commit, so a crash leaves at worst an orphan file
-that `prunequarantine` removes, never a row that points at nothing.
+(in a transaction) and files after the commit, so a crash leaves at worst an orphan file,
+never a row that points at nothing. The transaction that deletes the rows also records
+each file as a PendingFileDeletion, dropped once the file is unlinked: the indexer never
+indexes a file that has one, and `prunequarantine` removes what a crash or a failed
+unlink left behind.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from collections.abc import Iterable
 
 from django.db import transaction
 
-from quarantine.models import AuditEvent, Message, Recipient, record_event
-from quarantine.store import StoreError, get_store
+from quarantine.models import AuditEvent, Message, PendingFileDeletion, Recipient, record_event
+from quarantine.store import FileStore, StoreError, get_store, name_info
 
 log = logging.getLogger(__name__)
+
+# Files unlinked between two deletions of their pending records.
+BATCH_SIZE = 1000
 
 
 def delete_message(message: Message, *, user) -> int:
@@ -40,8 +46,21 @@ def delete_for_addresses(addresses: Iterable[str], *, user) -> int:
 
 
 def clear_quarantine(*, user) -> int:
-    """Delete the whole quarantine (vadmin)."""
-    removed = _delete_messages(Message.objects.all())
+    """Delete the whole quarantine (vadmin): every message, and the held files of the store
+    that are not indexed yet.
+
+    The store is listed before the rows are read: a file the filter stores meanwhile is
+    either indexed by then (its row and file go) or kept as mail that came after the clear.
+    """
+    store = get_store()
+    held = _held_keys(store)
+    origins = {str(store.root), str(store.root.absolute()), str(store.root.resolve())}
+    with transaction.atomic():
+        indexed = set(
+            Message.objects.filter(origin__in=origins).values_list("storage_key", flat=True)
+        )
+        unindexed = [(str(store.root), key) for key in held if key not in indexed]
+        removed = _delete_messages(Message.objects.all(), also_files=unindexed)
     record_event(user, AuditEvent.Action.CLEAR, detail=f"whole quarantine, {removed} messages")
     return removed
 
@@ -59,17 +78,70 @@ def _delete_recipients(recipients, *, user) -> int:
         return _delete_messages(orphans)
 
 
-def _delete_messages(messages) -> int:
+def _delete_messages(messages, *, also_files: Iterable[tuple[str, str]] = ()) -> int:
+    """Delete the messages' rows, and after the commit their files and `also_files` (files
+    without a row). Returns the number of files."""
     with transaction.atomic():
-        files = list(messages.values_list("origin", "storage_key"))
+        files = list(messages.values_list("origin", "storage_key")) + list(also_files)
         Message.objects.filter(id__in=messages.values("id")).delete()
+        PendingFileDeletion.objects.bulk_create(
+            [PendingFileDeletion(origin=origin, storage_key=key) for origin, key in files],
+            batch_size=BATCH_SIZE,
+            ignore_conflicts=True,
+        )
         transaction.on_commit(lambda: _remove_files(files))
     return len(files)
 
 
-def _remove_files(files: list[tuple[str, str]]) -> None:
-    for origin, key in files:
-        try:
-            get_store(origin).delete(key)
-        except StoreError as exc:
-            log.warning("%s", exc)
+def _remove_files(files: list[tuple[str, str]]) -> int:
+    """Unlink files whose rows are deleted; each one's PendingFileDeletion goes once it is
+    unlinked or found gone, and stays (for `prunequarantine`) when the unlink fails.
+    Returns the number of files that are gone now."""
+    gone = 0
+    for start in range(0, len(files), BATCH_SIZE):
+        done: dict[str, list[str]] = {}
+        for origin, key in files[start : start + BATCH_SIZE]:
+            try:
+                get_store(origin).delete(key)
+            except StoreError as exc:
+                log.warning("%s", exc)
+            else:
+                done.setdefault(origin, []).append(key)
+        for origin, keys in done.items():
+            PendingFileDeletion.objects.filter(origin=origin, storage_key__in=keys).delete()
+            gone += len(keys)
+    return gone
+
+
+def retry_pending_deletions() -> int:
+    """Unlink the files that an interrupted or failed removal left; returns how many are
+    gone now (a file whose unlink fails again keeps its record for the next run)."""
+    gone = 0
+    last_id = 0
+    while True:
+        rows = list(
+            PendingFileDeletion.objects.filter(id__gt=last_id)
+            .order_by("id")
+            .values_list("id", "origin", "storage_key")[:BATCH_SIZE]
+        )
+        if not rows:
+            return gone
+        last_id = rows[-1][0]
+        gone += _remove_files([(origin, key) for _, origin, key in rows])
+
+
+def _held_keys(store: FileStore) -> list[str]:
+    """Keys of the store's files named as held mail (virus, banned, spam, bad header);
+    temporary files and other quarantine kinds are left alone. An unlistable store gives
+    none: its files are not touched."""
+    if not store.root.is_dir():
+        return []
+    try:
+        return [
+            key
+            for key, _ in store.iter_files()
+            if name_info(key.rsplit("/", 1)[-1])[0] is not None
+        ]
+    except StoreError as exc:
+        log.warning("%s", exc)
+        return []

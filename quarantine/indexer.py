@@ -6,6 +6,10 @@ file is gone are removed. Only the envelope block and the header section of the 
 message are parsed, never the body. New rows are inserted in batches, so that a directory
 of 100,000 files is indexed in one pass of a few seconds of database time.
 
+A file with a PendingFileDeletion (its message was deleted, the file not unlinked yet) is
+skipped, never indexed again: it is looked for when the directory is listed and again in
+the transaction that inserts the rows, so a deletion committed in between wins.
+
 A file that cannot be read (bad gzip, garbage, a quarantine name without a quarantine
 header) or whose values the database refuses is reported by name and the run goes on: one
 broken file never hides the others.
@@ -30,7 +34,7 @@ from pathlib import Path
 from django.db import DataError, IntegrityError, transaction
 
 from quarantine.headers import display_value, format_addresses, make_visible
-from quarantine.models import Message, Recipient
+from quarantine.models import Message, PendingFileDeletion, Recipient
 from quarantine.store import (
     MAIL_ID_RE,
     MAX_FILE_BYTES,
@@ -456,6 +460,11 @@ def index_directory(root: str | Path, *, progress: ProgressCallback | None = Non
     # The whole listing before any change: if listing fails half-way, no row may be taken
     # for gone.
     files = list(store.iter_files())
+    deleting = set(
+        PendingFileDeletion.objects.filter(origin__in=origins).values_list(
+            "storage_key", flat=True
+        )
+    )
 
     listed = {key for key, _ in files}
     gone = [row[0] for key, row in existing.items() if key not in listed]
@@ -468,7 +477,9 @@ def index_directory(root: str | Path, *, progress: ProgressCallback | None = Non
     total = len(files)
     for done, (key, st) in enumerate(files, start=1):
         row = existing.get(key)
-        if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+        if key in deleting:
+            summary.skipped += 1
+        elif row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns:
             summary.unchanged += 1
         else:
             try:
@@ -521,7 +532,8 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
     A clash found only at insert time (another indexer or the filter inserted the same
     mail_id meanwhile), or a value the database refuses, sends the batch through row-by-row
     inserts, each in its own savepoint, so that one file does not lose the batch: a clash
-    is counted as skipped, a refused value as unreadable.
+    is counted as skipped, a refused value as unreadable. A file whose deletion is pending
+    is skipped.
     """
     taken = {
         mail_id: (origin, key)
@@ -554,13 +566,16 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
         return
     try:
         with transaction.atomic():
-            messages = Message.objects.bulk_create([p.message for p in batch])
+            deleting = _deleting(batch, origins)
+            inserted = [p for p in batch if p.message.storage_key not in deleting]
+            messages = Message.objects.bulk_create([p.message for p in inserted])
             Recipient.objects.bulk_create(
-                [r for m, p in zip(messages, batch, strict=True)
+                [r for m, p in zip(messages, inserted, strict=True)
                  for r in _recipient_rows(m, p.recipients)],
                 batch_size=5000,
             )
-        summary.new += len(batch)
+        summary.new += len(inserted)
+        summary.skipped += len(batch) - len(inserted)
         return
     except (IntegrityError, *_REFUSED_VALUES):
         pass
@@ -568,6 +583,9 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
         parsed.message.pk = None
         try:
             with transaction.atomic():
+                if _deleting([parsed], origins):
+                    summary.skipped += 1
+                    continue
                 _insert_one(parsed)
         except IntegrityError as exc:
             row = (
@@ -585,6 +603,15 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
             summary.errors.append(_refused_text(parsed, exc))
         else:
             summary.new += 1
+
+
+def _deleting(batch: list[ParsedFile], origins: set[str]) -> set[str]:
+    """Storage keys of the batch whose files have a pending deletion."""
+    return set(
+        PendingFileDeletion.objects.filter(
+            origin__in=origins, storage_key__in=[p.message.storage_key for p in batch]
+        ).values_list("storage_key", flat=True)
+    )
 
 
 def _is_same_file(row: tuple[str, str], parsed: ParsedFile, origins: set[str]) -> bool:

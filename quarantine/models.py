@@ -57,6 +57,30 @@ class Message(models.Model):
         return f"{self.category} {self.mail_id}"
 
 
+class PendingFileDeletion(models.Model):
+    """A store file whose message rows are deleted but which may still be on disk.
+
+    Recorded in the transaction that deletes the rows, and removed once the file is
+    unlinked (or found gone). The indexer never indexes a file that has one, so a file
+    whose removal was interrupted or failed is not brought back as a message;
+    `prunequarantine` retries the removal.
+    """
+
+    origin = models.CharField(max_length=500)
+    storage_key = models.CharField(max_length=300)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["origin", "storage_key"], name="pending_deletion_file"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.origin}/{self.storage_key}"
+
+
 class RecipientQuerySet(models.QuerySet["Recipient"]):
     def visible_to(self, user) -> RecipientQuerySet:
         if user.is_superuser:
@@ -146,4 +170,6 @@ def _owned(user):
     return Address.objects.filter(user=user).values("address")
 
 
-__all__ = ["AuditEvent", "Category", "Message", "Recipient", "record_event"]
+__all__ = [
+    "AuditEvent", "Category", "Message", "PendingFileDeletion", "Recipient", "record_event",
+]

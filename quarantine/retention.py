@@ -3,7 +3,9 @@
 Messages older than QUARANTINE_MAX_AGE_DAYS go first; then, while the files of what is
 left add up to more than QUARANTINE_MAX_SIZE_MB, the oldest go. Rows and files are deleted
 together through quarantine.deletion, a batch of messages per transaction, so that a
-million expired messages never mean a million queries or one huge transaction.
+million expired messages never mean a million queries or one huge transaction. Each run
+also removes the files of deleted messages that a crash or a failed unlink left on disk
+(their PendingFileDeletion records).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
-from quarantine.deletion import delete_messages
+from quarantine.deletion import delete_messages, retry_pending_deletions
 from quarantine.models import AuditEvent, Message, record_event
 from quarantine.store import get_store
 
@@ -30,16 +32,20 @@ class PruneSummary:
     expired: int = 0
     over_size: int = 0
     temporary_files: int = 0
+    pending_files: int = 0
     max_age_days: int = 0
     max_size_mb: int = 0
 
     def __str__(self) -> str:
         age = f"older than {self.max_age_days} days" if self.max_age_days else "no age limit"
         size = f"over {self.max_size_mb} MB" if self.max_size_mb else "no size limit"
-        return (
+        text = (
             f"pruned {self.expired} messages ({age}), {self.over_size} messages ({size}), "
             f"{self.temporary_files} temporary files"
         )
+        if self.pending_files:
+            text += f", {self.pending_files} left-over files of deleted messages"
+        return text
 
 
 def prune_quarantine(
@@ -56,6 +62,9 @@ def prune_quarantine(
         max_size_mb = settings.QUARANTINE_MAX_SIZE_MB
     summary = PruneSummary(max_age_days=max_age_days, max_size_mb=max_size_mb)
 
+    # Files of messages deleted earlier whose removal was interrupted or failed.
+    summary.pending_files = retry_pending_deletions()
+
     if max_age_days > 0:
         cutoff = now - timedelta(days=max_age_days)
         summary.expired = _delete_oldest(Message.objects.filter(received_at__lt=cutoff))
@@ -71,7 +80,7 @@ def prune_quarantine(
         except OSError as exc:
             log.warning("%s: cannot remove temporary files (%s)", store.root, exc)
 
-    if summary.expired or summary.over_size or summary.temporary_files:
+    if summary.expired or summary.over_size or summary.temporary_files or summary.pending_files:
         record_event(None, AuditEvent.Action.PRUNE, detail=str(summary))
     return summary
 
