@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,29 +16,12 @@ from pathlib import Path
 import pytest
 
 from quarantine.store import FileStore
+from tests.ports import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 # A Redis database of its own: nothing else in the suite uses it.
 REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
 TASK = "quarantine.tasks.index_quarantine_task"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return check()
-        except (OSError, AssertionError) as exc:
-            last = exc
-            time.sleep(0.2)
-    raise AssertionError(f"not up after {timeout} s: {last}")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -83,8 +65,8 @@ def _environment(tmp_path: Path, **extra: str) -> dict[str, str]:
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
         "STATIC_ROOT": str(tmp_path / "static"),
         "QUARANTINE_DIR": str(tmp_path / "quarantine"),
-        "WEB_LISTEN": f"127.0.0.1:{_free_port()}",
-        "FILTER_LISTEN": f"127.0.0.1:{_free_port()}",
+        "WEB_LISTEN": f"127.0.0.1:{free_port()}",
+        "FILTER_LISTEN": f"127.0.0.1:{free_port()}",
         "VADMIN_PASSWORD": "a long enough test password",
         **extra,
     }
@@ -139,7 +121,7 @@ class RunningSystem:
     def wait_for_output(self, text: str, timeout: float = 60.0) -> None:
         def seen():
             assert text in self.output(), f"{text!r} not in the output yet"
-        _wait_for(seen, timeout)
+        wait_for(seen, timeout)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -161,7 +143,7 @@ def test_runsystem_serves_the_viewer_and_the_filter_and_stops_on_ctrl_c(tmp_path
             with urllib.request.urlopen(f"http://{web}{path}", timeout=5) as r:
                 return r.status, r.headers, r.read()
 
-        _, _, health = _wait_for(lambda: fetch("/healthz"))
+        _, _, health = wait_for(lambda: fetch("/healthz"))
         assert b'"ok"' in health
         status, headers, _ = fetch("/login/")
         assert status == 200 and "Content-Security-Policy" in headers
@@ -171,7 +153,7 @@ def test_runsystem_serves_the_viewer_and_the_filter_and_stops_on_ctrl_c(tmp_path
             with smtplib.SMTP(host, int(port), timeout=5) as smtp:
                 return smtp.noop()
 
-        code, _ = _wait_for(banner)
+        code, _ = wait_for(banner)
         assert code == 250
 
         # The worker and beat are up on the embedded broker (no Redis in this test).
@@ -191,7 +173,7 @@ def test_runsystem_serves_the_viewer_and_the_filter_and_stops_on_ctrl_c(tmp_path
             [sys.executable, "manage.py", "shell", "-c", code],
             cwd=ROOT, env=sender_env, check=True, capture_output=True, timeout=60,
         )
-        _wait_for(lambda: _assert(_indexed(tmp_path / "db.sqlite3", mail_id)), 60)
+        wait_for(lambda: _assert(_indexed(tmp_path / "db.sqlite3", mail_id)), 60)
         system.wait_for_output(f"Task {TASK}[")
         assert "succeeded" in system.output()
         # It went through the broker's folder, not through the sender's own process.
@@ -210,7 +192,7 @@ def test_runsystem_serves_the_viewer_and_the_filter_and_stops_on_ctrl_c(tmp_path
     assert f"embedded broker in {tmp_path / 'celery'}" in out
     assert f"SQLite {tmp_path / 'db.sqlite3'}" in out
     # Ctrl-C left nothing behind: no process, nothing listening.
-    _wait_for(lambda: _assert(not [pid for pid in children if _alive(pid)]), 10)
+    wait_for(lambda: _assert(not [pid for pid in children if _alive(pid)]), 10)
     for listen in (web, filter_listen):
         host, port = listen.rsplit(":", 1)
         with socket.socket() as s:
@@ -240,7 +222,7 @@ def test_runsystem_uses_redis_when_redis_url_is_set(tmp_path):
              str(tmp_path / "quarantine")],
             cwd=ROOT, env=env, check=True, capture_output=True, timeout=60,
         )
-        _wait_for(lambda: _assert(_indexed(tmp_path / "db.sqlite3", mail_id)), 60)
+        wait_for(lambda: _assert(_indexed(tmp_path / "db.sqlite3", mail_id)), 60)
         system.wait_for_output(f"Task {TASK}[")
     finally:
         returncode = system.stop()

@@ -20,26 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ports import free_port, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return check()
-        except (OSError, AssertionError) as exc:
-            last = exc
-            time.sleep(0.2)
-    raise AssertionError(f"not up after {timeout} s: {last}")
 
 
 def _base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -172,7 +156,7 @@ def test_the_compose_web_health_check_passes_on_a_healthy_viewer(tmp_path):
     probe = list(compose["services"]["web"]["healthcheck"]["test"])
     assert probe[0] == "CMD" and probe[1] == "python"
     example = _env_example()
-    port = _free_port()
+    port = free_port()
     env = _base_env(
         tmp_path,
         ALLOWED_HOSTS=example["ALLOWED_HOSTS"],
@@ -188,7 +172,7 @@ def test_the_compose_web_health_check_passes_on_a_healthy_viewer(tmp_path):
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close())
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close())
         argv = [sys.executable if part == "python" else
                 part.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for part in probe[1:]]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -311,11 +295,11 @@ def test_web_viewer_false_keeps_runsystem_from_serving_the_viewer(tmp_path):
     WEB_VIEWER; docs/configuration.md: "`False` says this host runs only the filter". So
     `runsystem` (what `make run` starts) with WEB_VIEWER=False starts the filter but no
     web viewer: nothing answers on WEB_LISTEN."""
-    web = f"127.0.0.1:{_free_port()}"
-    filter_port = _free_port()
+    web = f"127.0.0.1:{free_port()}"
+    filter_port = free_port()
     env = _base_env(
         tmp_path, WEB_LISTEN=web, FILTER_LISTEN=f"127.0.0.1:{filter_port}",
-        FILTER_NEXT_HOP=f"127.0.0.1:{_free_port()}", WEB_VIEWER="False",
+        FILTER_NEXT_HOP=f"127.0.0.1:{free_port()}", WEB_VIEWER="False",
         VADMIN_PASSWORD="a long enough test password",
     )
     for step in (["migrate", "--noinput", "-v0"], ["collectstatic", "--noinput", "-v0"]):
@@ -332,7 +316,7 @@ def test_web_viewer_false_keeps_runsystem_from_serving_the_viewer(tmp_path):
             with smtplib.SMTP("127.0.0.1", filter_port, timeout=5) as smtp:
                 return smtp.noop()
 
-        _wait_for(filter_up, 60)
+        wait_for(filter_up, 60)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not served:
             try:

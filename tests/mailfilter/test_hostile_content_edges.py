@@ -25,6 +25,7 @@ import pytest
 from mailfilter.checks.banned import check_banned
 from mailfilter.mime import parse_message
 from mailfilter.policy import BUILTIN_DEFAULT_PROFILE, CheckPolicy, Envelope
+from tests.mailfilter.test_banned import zip_of
 
 HEAD = b"From: a@example.com\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: t\r\n"
 SCRIPT = b'WScript.Echo("hello");\r\n'
@@ -53,14 +54,6 @@ def attachment(headers: bytes, data: bytes) -> bytes:
 
 def findings(raw: bytes) -> set[str]:
     return {finding.name for finding in check_banned(parse_message(raw))}
-
-
-def zip_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 # -- time ------------------------------------------------------------------------------
