@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import re
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,11 +58,26 @@ def _error(reason: str) -> ClamdResult:
 
 
 def parse_reply(reply: bytes) -> ClamdResult:
-    """One clamd reply line (without its terminator) to a result; unknown text is an error."""
+    """One clamd reply (without its terminator) to a result; unknown text is an error.
+
+    A reply of several lines is never clean: a detection on any line is found (it must not
+    be mistaken for a scan error, which the policy may pass), anything else is an error.
+    """
     try:
         text = reply.decode("ascii").strip()
     except UnicodeDecodeError:
         return _error("clamd answered with non-ASCII text")
+    lines = text.splitlines()
+    if len(lines) > 1:
+        results = [_parse_line(line.strip()) for line in lines if line.strip()]
+        names = tuple(name for result in results if result.found for name in result.names)
+        if names:
+            return ClamdResult(status="found", names=names)
+        return _error(f"clamd answered {len(lines)} lines: {text[:200]!r}")
+    return _parse_line(text)
+
+
+def _parse_line(text: str) -> ClamdResult:
     if _OK.match(text):
         return ClamdResult(status="clean")
     found = _FOUND.match(text)
@@ -78,7 +94,8 @@ def parse_reply(reply: bytes) -> ClamdResult:
 class ClamdClient:
     """Talks to one clamd: `host`/`port` (TCP) or `path` (unix socket).
 
-    `timeout` bounds each whole exchange (connect, send, reply). `max_stream` should not be
+    `timeout` bounds each whole exchange (connect, send, reply), and `scan_blobs` as a
+    whole (all the blobs of one message). `max_stream` should not be
     above clamd's StreamMaxLength; larger blobs are not sent and come back as errors.
     """
 
@@ -111,12 +128,13 @@ class ClamdClient:
             return False
         return reply == b"PONG"
 
-    async def scan(self, data: bytes) -> ClamdResult:
-        """Scan one blob with INSTREAM."""
+    async def scan(self, data: bytes, *, timeout: float | None = None) -> ClamdResult:
+        """Scan one blob with INSTREAM, within `timeout` (default: the client's)."""
         if len(data) > self.max_stream:
             return _error(f"{len(data)} bytes is more than the {self.max_stream} sent to clamd")
+        limit = self.timeout if timeout is None else min(timeout, self.timeout)
         try:
-            reply = await asyncio.wait_for(self._exchange(b"zINSTREAM\0", data), self.timeout)
+            reply = await asyncio.wait_for(self._exchange(b"zINSTREAM\0", data), limit)
         except TimeoutError:
             return _error(f"clamd timed out after {self.timeout:g}s")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -126,11 +144,21 @@ class ClamdClient:
         return parse_reply(reply)
 
     async def scan_blobs(self, blobs: Iterable[tuple[str, bytes]]) -> ClamdResult:
-        """Scan several blobs; found beats error beats clean, names carry their labels."""
+        """Scan several blobs; found beats error beats clean, names carry their labels.
+
+        `timeout` bounds the scan of all the blobs together, so that a hanging clamd costs
+        one timeout per message, not one per part; blobs left when it has passed are not
+        sent and make the result an error.
+        """
         names: list[str] = []
         errors: list[str] = []
+        deadline = time.monotonic() + self.timeout
         for label, data in blobs:
-            result = await self.scan(data)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                errors.append(f"{label}: clamd timed out after {self.timeout:g}s")
+                break
+            result = await self.scan(data, timeout=remaining)
             if result.found:
                 names.extend(f"{name} ({label})" for name in result.names)
             elif result.error:
@@ -164,7 +192,14 @@ class ClamdClient:
                 await writer.drain()
             reply = await reader.readuntil(b"\0")
             return reply[:-1]
+        except BaseException:
+            # Timed out, cancelled or failed: drop the connection at once. A graceful close
+            # would wait for clamd to read what is still buffered, possibly forever.
+            writer.transport.abort()
+            raise
         finally:
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # clamd answered without reading everything
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -23,7 +23,8 @@ dnsbl=score,zone[/answer]
     The client address is looked up as `<reversed address>.<zone>` (IPv4: the octets in
     reverse order, `7.2.0.192.zone`; IPv6: the 32 nibbles in reverse order; an IPv4-mapped
     IPv6 address counts as IPv4). The line hits when the A answer contains `answer`, or,
-    when the line names none, any address in 127.0.0.0/8 (RFC 5782). Answers in
+    when the line names none, any address in 127.0.0.0/8 (RFC 5782); a named `answer`
+    outside 127.0.0.0/8 or in 127.255.255.0/24 never hits. Answers in
     127.255.255.0/24 are the error codes lists send to queries they refuse (Spamhaus sends
     them to large public resolvers) and answers outside 127.0.0.0/8 are a resolver that
     rewrites NXDOMAIN: both are counted as errors and never hit on their own.
@@ -509,7 +510,10 @@ def _zone_missing(error: dns.resolver.NXDOMAIN, zone: dns.name.Name) -> bool:
 def _list_hit(listing: DnsList) -> Callable[[_Result], bool]:
     def hit(result: _Result) -> bool:
         if listing.answer is not None:
-            return listing.answer in result.values
+            # An answer outside 127.0.0.0/8 (a wildcard or a rewriting resolver) or an
+            # error code is never a listing, even when the line names it.
+            listed = listing.answer in LOOPBACK and listing.answer not in ERROR_CODES
+            return listed and listing.answer in result.values
         return any(a in LOOPBACK and a not in ERROR_CODES for a in result.values)
 
     return hit

@@ -72,9 +72,12 @@ def parse_response(response: bytes) -> SpamResult:
         if name == "spam":
             spam = _SPAM.match(value.strip())
         elif name == "content-length":
-            if not value.strip().isdigit():
+            digits = value.strip()
+            # ASCII digits only, and few enough for int(): a longer number is no length
+            # a response capped at MAX_REPLY can have.
+            if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
                 return _error("spamd sent a bad Content-length")
-            length = int(value.strip())
+            length = int(digits)
     if spam is None:
         return _error("spamd response has no valid Spam header")
     if length is not None and len(body) != length:
@@ -154,7 +157,14 @@ class SpamdClient:
                 if len(response) > MAX_REPLY:
                     raise ValueError("response too long")
             return bytes(response)
+        except BaseException:
+            # Timed out, cancelled or failed: drop the connection at once. A graceful close
+            # would wait for spamd to read what is still buffered, possibly forever.
+            writer.transport.abort()
+            raise
         finally:
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
