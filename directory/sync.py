@@ -51,12 +51,19 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import ldap
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from directory import relaymap
-from directory.ldap import Connection, DirectoryConfig, DirectoryError, connect
+from directory.ldap import (
+    BaseDNNotFound,
+    Connection,
+    DirectoryConfig,
+    DirectoryError,
+    connect,
+)
 from directory.models import Address, DirectoryIdentity
 
 log = logging.getLogger(__name__)
@@ -564,6 +571,8 @@ def user_for_login(dn: str, attrs: dict[str, list[bytes]]) -> User | None:
                 username__iexact=obj.primary).values_list("username", "pk")
         }
         if identity is None:
+            identity = _take_over_at_login(obj, taken)
+        if identity is None:
             user = _create_or_update_user(obj, taken, summary)
         else:
             user = _update_user(identity, obj, taken, summary)
@@ -572,6 +581,46 @@ def user_for_login(dn: str, attrs: dict[str, list[bytes]]) -> User | None:
     for conflict in summary.conflicts:
         log.warning("login of %s: %s", dn, conflict)
     return user
+
+
+def _take_over_at_login(obj: DirectoryObject, taken: dict[str, int]) -> DirectoryIdentity | None:
+    """As the sync does (`_take_over`), at a person's first login: the directory user named
+    like `obj`'s primary address, when the object it was made for is no longer in the
+    directory (an account deleted and made again). None when there is no such user, or
+    its object may still be there (the directory cannot say: nothing is taken over)."""
+    user_pk = taken.get(obj.primary)
+    if user_pk is None:
+        return None
+    old = DirectoryIdentity.objects.select_related("user").filter(user_id=user_pk).first()
+    if old is None or (obj.guid is not None and old.guid == obj.guid):
+        return None
+    try:
+        if _in_directory(old):
+            return None
+    except DirectoryError as exc:
+        log.warning("login of %s: cannot tell whether %s is still in the directory: %s",
+                    obj.dn, old.dn, exc)
+        return None
+    return _take_over({user_pk: old}, user_pk, obj)
+
+
+def _in_directory(identity: DirectoryIdentity) -> bool:
+    """Whether the object `identity` was made for is still in the directory: by its
+    objectGUID under every base DN (it may have moved), by its DN without one."""
+    config = DirectoryConfig.from_settings()
+    with connect(config) as conn:
+        if identity.guid:
+            assertion = "".join(f"\\{byte:02x}" for byte in bytes.fromhex(identity.guid))
+            return any(
+                True
+                for base in config.base_dns
+                for _ in conn.paged_search(base, f"(objectGUID={assertion})", ["objectGUID"])
+            )
+        try:
+            return any(True for _ in conn.paged_search(
+                identity.dn, "(objectClass=*)", ["objectGUID"], scope=ldap.SCOPE_BASE))
+        except BaseDNNotFound:
+            return False
 
 
 def _refresh_addresses(user: User, obj: DirectoryObject) -> None:

@@ -13,13 +13,14 @@ directory/throttle.py, docs/configuration.md):
 from __future__ import annotations
 
 import io
+import uuid
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.test import Client
 
-from directory.models import Address
+from directory.models import Address, DirectoryIdentity
 from directory.sync import sync_directory
 from tests.conftest import PASSWORD as LOCAL_PASSWORD
 from tests.directory.conftest import directory, relay_map, slapd  # noqa: F401 (fixtures)
@@ -133,6 +134,44 @@ def test_a_login_does_not_take_an_address_a_group_also_claims(ldap_login):
 
     assert _logged_in_as(response) == "carol@example.test"
     assert not Address.objects.filter(address="sales@example.test").exists()
+
+
+# --- the viewer user a login lands in ---------------------------------------------------
+
+
+@pytest.mark.slapd
+def test_a_person_recreated_in_the_directory_can_log_in_before_the_next_sync(ldap_login):
+    """An AD account deleted and made again (new objectGUID, same primary address) is the
+    same mailbox: as the sync would, the first login of the new account takes over the
+    old viewer user, whose object is gone, rather than failing until the nightly sync."""
+    old = ldap_login.person("Alice", mail="alice@example.test")
+    assert _logged_in_as(_post("alice@example.test", PASSWORD)) == "alice@example.test"
+    ldap_login.slapd.delete(old)
+    ldap_login.person("Alice", mail="alice@example.test", guid=uuid.uuid4().bytes)
+
+    response = _post("alice@example.test", PASSWORD, ip="192.0.2.2")
+
+    assert _logged_in_as(response) == "alice@example.test"
+    assert User.objects.filter(username__iexact="alice@example.test").count() == 1
+    assert DirectoryIdentity.objects.count() == 1
+
+
+@pytest.mark.slapd
+def test_a_login_does_not_take_over_a_user_whose_object_is_still_there(ldap_login):
+    """Two directory objects with the same primary address at once (one a leftover): the
+    second one's login takes nothing over while the first object is still in the
+    directory, and lands in no user."""
+    ldap_login.person("Alice", mail="alice@example.test")
+    assert _logged_in_as(_post("alice@example.test", PASSWORD)) == "alice@example.test"
+    first = DirectoryIdentity.objects.get()
+    ldap_login.person("Alice Two", mail="alice@example.test", sam="alice2",
+                      guid=uuid.uuid4().bytes)
+
+    response = _post("alice2", PASSWORD, ip="192.0.2.2")
+
+    assert _logged_in_as(response) is None
+    assert DirectoryIdentity.objects.get() == first
+    assert DirectoryIdentity.objects.get().guid == first.guid
 
 
 # --- vadmin -----------------------------------------------------------------------------
