@@ -502,9 +502,8 @@ def postfix_snippet(
             {
                 "content_filter": "",
                 # Before the queue (proxy_filter) this smtpd is the only one that hands
-                # mail to cleanup: header/body checks and milters run here, once
-                # (SMTPD_PROXY_README). After it (content_filter) they ran before the
-                # worker already.
+                # mail to cleanup: header/body checks run here, once (SMTPD_PROXY_README).
+                # After it (content_filter) they ran before the worker already.
                 "receive_override_options": (
                     "no_unknown_recipient_checks"
                     if config.mode == "proxy_filter"

@@ -12,9 +12,10 @@ unlink left behind.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from quarantine.models import AuditEvent, Message, PendingFileDeletion, Recipient, record_event
 from quarantine.store import FileStore, StoreError, get_store, name_info
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Files unlinked between two deletions of their pending records.
 BATCH_SIZE = 1000
+# A held file younger than this may be one the filter is still indexing: a clear keeps it.
+_YOUNG_SECONDS = 300
 
 
 def delete_message(message: Message, *, user) -> int:
@@ -49,8 +52,9 @@ def clear_quarantine(*, user) -> int:
     """Delete the whole quarantine (vadmin): every message, and the held files of the store
     that are not indexed yet.
 
-    The store is listed before the rows are read: a file the filter stores meanwhile is
-    either indexed by then (its row and file go) or kept as mail that came after the clear.
+    The store is listed before the rows are read, and files younger than a few minutes
+    are left out: a file the filter stores meanwhile is either indexed by then (its row
+    and file go) or kept as mail that came after the clear.
     """
     store = get_store()
     held = _held_keys(store)
@@ -108,7 +112,12 @@ def _remove_files(files: list[tuple[str, str]]) -> int:
             else:
                 done.setdefault(origin, []).append(key)
         for origin, keys in done.items():
-            PendingFileDeletion.objects.filter(origin=origin, storage_key__in=keys).delete()
+            try:
+                PendingFileDeletion.objects.filter(origin=origin, storage_key__in=keys).delete()
+            except DatabaseError as exc:
+                # The files are gone; the records stay for prunequarantine, which finds
+                # them gone. The deletion itself is committed: no error for the caller.
+                log.warning("cannot drop pending deletion records: %s", exc)
             gone += len(keys)
     return gone
 
@@ -136,11 +145,14 @@ def _held_keys(store: FileStore) -> list[str]:
     none: its files are not touched."""
     if not store.root.is_dir():
         return []
+    # A file the filter is storing right now (renamed into place, its row not yet
+    # committed) is young: left alone, as mail that came after the clear.
+    settled = time.time() - _YOUNG_SECONDS
     try:
         return [
             key
-            for key, _ in store.iter_files()
-            if name_info(key.rsplit("/", 1)[-1])[0] is not None
+            for key, st in store.iter_files()
+            if name_info(key.rsplit("/", 1)[-1])[0] is not None and st.st_mtime < settled
         ]
     except StoreError as exc:
         log.warning("%s", exc)

@@ -41,6 +41,7 @@ from quarantine.store import (
     FileStore,
     QuarantineFile,
     StoreError,
+    get_store,
     name_info,
     parse_quarantine_file,
 )
@@ -606,12 +607,19 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
 
 
 def _deleting(batch: list[ParsedFile], origins: set[str]) -> set[str]:
-    """Storage keys of the batch whose files have a pending deletion."""
-    return set(
+    """Storage keys of the batch not to index: their files have a pending deletion, or
+    are gone already (a deletion that committed and unlinked since they were listed)."""
+    pending = set(
         PendingFileDeletion.objects.filter(
             origin__in=origins, storage_key__in=[p.message.storage_key for p in batch]
         ).values_list("storage_key", flat=True)
     )
+    return pending | {
+        p.message.storage_key
+        for p in batch
+        if p.message.storage_key not in pending
+        and not os.path.lexists(get_store(p.message.origin).path(p.message.storage_key))
+    }
 
 
 def _is_same_file(row: tuple[str, str], parsed: ParsedFile, origins: set[str]) -> bool:

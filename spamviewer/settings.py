@@ -277,6 +277,9 @@ EMBEDDED_BROKER = env_bool("EMBEDDED_BROKER", False) and not REDIS_URL
 CELERY_DIR = VAR_DIR / "celery"
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
+    # A job acknowledged late is given to another worker when not acknowledged within
+    # this: longer than the hard time limit below, so a long run is never run twice.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * 60 * 60}
 elif EMBEDDED_BROKER:
     CELERY_BROKER_URL = "filesystem://localhost/"
     # Producers and the worker use the same folder for both directions. A message is
@@ -327,7 +330,7 @@ def _crontab(expr: str, name: str):
             month_of_year=month_of_year,
             day_of_week=day_of_week,
         )
-    except ValueError as exc:
+    except Exception as exc:  # ValueError, or celery's ParseException for "1,,2"
         from spamviewer.env import ImproperlyConfiguredEnv
 
         raise ImproperlyConfiguredEnv(f"{name}={expr!r}: {exc}") from None
@@ -358,5 +361,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_choice(
-        "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))},
+        "LOG_LEVEL", "INFO",
+        ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"))},
 }

@@ -141,19 +141,25 @@ def test_clear_quarantine_removes_files_not_yet_indexed(
 ):
     """"Clear the quarantine" empties the quarantine: a held file already in the store but
     not indexed yet (amavisd-new wrote it, the periodic index run has not seen it) must not
-    reappear as a message at the next index run after the clear."""
+    reappear as a message at the next index run after the clear. A file written in the
+    last few minutes is kept: the filter may be indexing it right now."""
     indexed = make_message(recipients=["alice@example.test"])
     # A file put in the store by the writer; its index row does not exist yet.
     unindexed = make_message(recipients=["alice@example.test"])
     Message.objects.filter(id=unindexed.id).delete()
+    old = time.time() - 600
+    os.utime(quarantine_dir / unindexed.storage_key, (old, old))
+    # And one the filter is storing right now.
+    young = make_message(recipients=["alice@example.test"])
+    Message.objects.filter(id=young.id).delete()
 
     clear_quarantine(user=world.vadmin)
     summary = index_directory(quarantine_dir)
 
     assert not (quarantine_dir / indexed.storage_key).exists()
-    assert summary.new == 0 and not Message.objects.exists(), (
-        "a message came back right after the quarantine was cleared"
-    )
+    assert not (quarantine_dir / unindexed.storage_key).exists()
+    assert summary.new == 1, "a message came back right after the quarantine was cleared"
+    assert list(Message.objects.values_list("storage_key", flat=True)) == [young.storage_key]
 
 
 # Celery ------------------------------------------------------------------------------
@@ -192,3 +198,28 @@ def test_periodic_jobs_have_a_time_limit(name):
     soft = task.soft_time_limit or app.conf.task_soft_time_limit
     assert hard or soft, f"{name} has no time limit (task or task_time_limit setting)"
 
+
+
+def test_a_clear_between_an_index_runs_parse_and_its_insert_leaves_no_row_without_file(
+    transactional_db, make_message, quarantine_dir, monkeypatch, world
+):
+    """An index run has parsed a file not indexed yet; vadmin's clear removes that file
+    (and has already dropped its pending record) before the run inserts: the run inserts
+    no row for a file that is gone."""
+    from quarantine import indexer
+
+    unindexed = make_message(recipients=["alice@example.test"])
+    Message.objects.filter(id=unindexed.id).delete()
+    old = time.time() - 600
+    os.utime(quarantine_dir / unindexed.storage_key, (old, old))
+    insert = indexer._insert_batch
+
+    def clear_then_insert(pending, summary, origins):
+        clear_quarantine(user=world.vadmin)
+        return insert(pending, summary, origins)
+
+    monkeypatch.setattr(indexer, "_insert_batch", clear_then_insert)
+    summary = index_directory(quarantine_dir)
+
+    assert not (quarantine_dir / unindexed.storage_key).exists()
+    assert summary.new == 0 and not Message.objects.exists()
