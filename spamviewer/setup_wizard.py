@@ -533,12 +533,27 @@ def update_env_text(text: str, values: Mapping[str, str]) -> str:
     """`text` with each setting of `values` set: its first line replaced, later lines for
     the same name dropped, missing names added at the end. Other lines stay as they are,
     except that setting a secret (SECRET_ENV_NAMES) removes its NAME_FILE lines: the
-    settings prefer the file, which would otherwise keep the old secret in use."""
+    settings prefer the file, which would otherwise keep the old secret in use. A secret
+    equal to what its NAME_FILE holds is not written: the file stays in charge."""
 
     def name_of(line: str) -> str | None:
         match = _ENV_LINE.match(line)
         return match.group(1) if match else None
 
+    values = dict(values)
+    files = {}
+    for line in text.splitlines():
+        name = name_of(line)
+        if name is not None and name.endswith("_FILE"):
+            files[name] = line.split("=", 1)[1].strip().strip("'\"")
+    for name in [n for n in values if n in SECRET_ENV_NAMES and f"{n}_FILE" in files]:
+        try:
+            unchanged = Path(files[f"{name}_FILE"]).read_text().strip() == values[name]
+        except (OSError, UnicodeDecodeError):
+            unchanged = False
+        if unchanged:
+            # The secret stays in its file (a mounted secret, say): not copied into .env.
+            del values[name]
     drop = {f"{name}_FILE" for name in values if name in SECRET_ENV_NAMES}
     return _set_lines(text, values, name_of, lambda name, value: f"{name}={_quote_env(value)}",
                       drop=drop)

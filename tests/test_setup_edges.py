@@ -387,3 +387,20 @@ def test_proxy_filter_reinjection_keeps_postfixs_header_and_body_checks(tmp_path
         f"proxy_filter mode: the reinjection smtpd gets receive_override_options={value}, "
         "so Postfix's header_checks and body_checks never run on any inbound mail"
     )
+
+
+def test_configure_keeps_a_password_file_whose_password_is_unchanged(tmp_path):
+    """Re-running the setup with the password its LDAP_BIND_PASSWORD_FILE already holds
+    (a mounted secret) leaves the file in charge: the secret is not copied into .env. A
+    new password replaces the file line, as the settings must then read the new one."""
+    from spamviewer.setup_wizard import update_env_text
+
+    secret = tmp_path / "ldap-password"
+    secret.write_text("the mounted secret\n")
+    text = f"LDAP_SERVER=ldaps://dc.example.test\nLDAP_BIND_PASSWORD_FILE={secret}\n"
+
+    kept = update_env_text(text, {"LDAP_BIND_PASSWORD": "the mounted secret"})
+    changed = update_env_text(text, {"LDAP_BIND_PASSWORD": "a new one"})
+
+    assert f"LDAP_BIND_PASSWORD_FILE={secret}" in kept and "LDAP_BIND_PASSWORD=" not in kept
+    assert "LDAP_BIND_PASSWORD_FILE" not in changed and "a new one" in changed
