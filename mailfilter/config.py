@@ -288,13 +288,17 @@ def _networks(name: str, values: tuple[str, ...]) -> tuple:
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
 
 
+def client_address(value: str) -> str:
+    """A client address as Postfix's XFORWARD ADDR gives it, without its `IPV6:` prefix."""
+    return value[5:] if value[:5].upper() == "IPV6:" else value
+
+
 def _in_networks(address: str | None, networks: tuple) -> bool:
     """Whether `address` (as a peer or Postfix's XFORWARD gives it: `IPV6:` prefixed, with
     a zone, or IPv4 mapped into IPv6 by a dual-stack listener) is in `networks`."""
     if not address:
         return False
-    if address[:5].upper() == "IPV6:":
-        address = address[5:]
+    address = client_address(address)
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from typing import Any
 
-from mailfilter.config import ConfigError, FilterConfig
+from mailfilter.config import ConfigError, FilterConfig, client_address
 from mailfilter.front import RelayRecipients
 from mailfilter.interfaces import DEFAULT_PROFILE, Profile, QuarantineSink, RecipientLookup
 from mailfilter.policy import Envelope as PolicyEnvelope
@@ -376,9 +376,7 @@ class FilterHandler:
         address, name, helo = str(peer[0]), "", session.host_name or ""
         forwarded = envelope.xforward
         if forwarded and forwarded.get("ADDR"):
-            address = forwarded["ADDR"]
-            if address[:5].upper() == "IPV6:":
-                address = address[5:]
+            address = client_address(forwarded["ADDR"])
             name = forwarded.get("NAME") or ""
             if name.upper() == "[UNAVAILABLE]":
                 name = ""
