@@ -298,7 +298,7 @@ def _replace_map(path: Path, content: str, postmap_type: str | None) -> None:
             _fsync_file(Path(str(tmp) + suffix))
         _keep_previous(path)
         if suffix:
-            _keep_previous(Path(str(path) + suffix))
+            _keep_previous(Path(str(path) + suffix), copy=True)
             # The database first: it is what Postfix reads. Each rename is atomic.
             os.replace(str(tmp) + suffix, str(path) + suffix)
         os.replace(tmp, path)
@@ -327,13 +327,21 @@ def _postmap(kind: str, source: Path) -> None:
         )
 
 
-def _keep_previous(path: Path) -> None:
-    """Keep the file being replaced as `<name>.previous`, for a manual rollback."""
+def _keep_previous(path: Path, *, copy: bool = False) -> None:
+    """Keep the file being replaced as `<name>.previous`, for a manual rollback.
+
+    The database Postfix reads is copied, not linked: an smtpd notices a changed map only
+    when the file it holds open loses its last link (or its time changes), and then
+    starts afresh with the new one. Kept alive by a link, the old database would go on
+    answering, and an address just added would be refused as unknown."""
     previous = path.with_name(path.name + ".previous")
     with contextlib.suppress(FileNotFoundError):
         previous.unlink()
     with contextlib.suppress(FileNotFoundError):
-        os.link(path, previous)
+        if copy:
+            shutil.copyfile(path, previous)
+        else:
+            os.link(path, previous)
 
 
 def _write_temp(path: Path, content: str) -> Path:

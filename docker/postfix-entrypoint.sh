@@ -26,9 +26,23 @@ postconf -e \
   "receive_override_options=no_address_mappings" \
   "maillog_file=/dev/stdout" \
   "smtpd_relay_restrictions=permit_mynetworks,reject_unauth_destination"
-# The relay map written by the Celery worker (directory sync), read without postmap.
-if [ -s "$MAP" ]; then
+# The relay map written by the Celery worker (directory sync), read without postmap. With
+# the directory configured it is used before its first write too: until the first sync
+# writes it, Postfix answers 4xx (temporary lookup failure) and senders try again, rather
+# than taking mail for addresses that may not exist.
+if [ -n "${LDAP_SERVER:-}" ] || [ -e "$MAP" ]; then
   postconf -e "relay_recipient_maps=texthash:$MAP"
+  # An smtpd reads a texthash map once, when it starts: reload Postfix after each write
+  # (a write replaces the file, so its inode number changes).
+  (
+    seen=$(stat -c '%i %Y' "$MAP" 2>/dev/null || echo none)
+    while sleep 30; do
+      now=$(stat -c '%i %Y' "$MAP" 2>/dev/null || echo none)
+      if [ "$now" != "$seen" ] && postfix reload >/dev/null 2>&1; then
+        seen=$now
+      fi
+    done
+  ) &
 fi
 
 postconf -M "spamviewer/unix=spamviewer unix - - n - 100 smtp"

@@ -195,6 +195,50 @@ class Postfix:
                               capture_output=True, text=True)
         return done.stdout
 
+    def configure(self, *, relayhost_port: int) -> None:
+        """A main.cf for loopback only: mail for example.test is relayed to
+        127.0.0.1:relayhost_port, queue timers of a second or two, no smtpd listening yet
+        (`add_smtpd`), the log in the base directory. Services added later still need
+        `postconf -F */*/chroot=n`."""
+        data = self.base / "data"
+        for d in (self.conf, self.spool, data):
+            d.mkdir(parents=True)
+        shutil.chown(data, "postfix")
+        shutil.copy("/etc/postfix/master.cf", self.conf / "master.cf")
+        (self.conf / "main.cf").write_text(
+            f"""compatibility_level = 3.6
+queue_directory = {self.spool}
+data_directory = {data}
+myhostname = postfix.test
+mydomain = postfix.test
+myorigin = postfix.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = example.test
+relayhost = [127.0.0.1]:{relayhost_port}
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+maillog_file = {self.base}/maillog
+maillog_file_prefixes = {self.base}
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtputf8_enable = yes
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+transport_retry_time = 1s
+smtp_connect_timeout = 5s
+"""
+        )
+        self.postconf("-M#", "smtp/inet")
+        self.postconf("-Me", "postlog/unix-dgram=postlog unix-dgram n - n - 1 postlogd")
+
+    def add_smtpd(self, port: int) -> None:
+        self.postconf("-Me", f"127.0.0.1:{port}/inet=127.0.0.1:{port} inet n - n - - smtpd")
+
     def command(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["postfix", "-c", str(self.conf), *args], env=self.env,
                               capture_output=True, text=True)
@@ -255,46 +299,11 @@ class Chain:
 
     def _configure(self, sink_port: int) -> None:
         pf = self.postfix
-        data = self.base / "data"
-        for d in (pf.conf, pf.spool, data):
-            d.mkdir(parents=True)
-        shutil.chown(data, "postfix")
-        shutil.copy("/etc/postfix/master.cf", pf.conf / "master.cf")
-        (pf.conf / "main.cf").write_text(
-            f"""compatibility_level = 3.6
-queue_directory = {pf.spool}
-data_directory = {data}
-myhostname = postfix.test
-mydomain = postfix.test
-myorigin = postfix.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relay_domains = example.test
-relayhost = [127.0.0.1]:{sink_port}
-smtp_tls_security_level = none
-smtpd_tls_security_level = none
-maillog_file = {self.base}/maillog
-maillog_file_prefixes = {self.base}
-alias_maps =
-alias_database =
-local_recipient_maps =
-smtputf8_enable = yes
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
-transport_retry_time = 1s
-smtp_connect_timeout = 5s
-"""
-        )
-        pf.postconf("-M#", "smtp/inet")
+        pf.configure(relayhost_port=sink_port)
         if self.mode == "content_filter":
-            pf.postconf("-Me", f"127.0.0.1:{self.inbound}/inet="
-                        f"127.0.0.1:{self.inbound} inet n - n - - smtpd")
+            pf.add_smtpd(self.inbound)
         for arguments in self.snippet.postconf_arguments():
             pf.postconf(*arguments)
-        pf.postconf("-Me", "postlog/unix-dgram=postlog unix-dgram n - n - 1 postlogd")
         pf.postconf("-F", "*/*/chroot=n")
 
     def start(self) -> Chain:
