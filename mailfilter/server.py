@@ -371,12 +371,14 @@ class FilterHandler:
     def _facts(self, session: Session, envelope: FilterEnvelope) -> PolicyEnvelope:
         """What the checks know of the transaction. Behind Postfix the client is the one
         Postfix named in XFORWARD (a trusted peer's word), not Postfix itself: the DNS
-        checks must look up the sending MTA, not 127.0.0.1."""
+        checks must look up the sending MTA, not 127.0.0.1. When Postfix names no address
+        (`ADDR=[UNAVAILABLE]`: mail submitted locally) the client is unknown: Postfix is
+        still not it."""
         peer = session.peer or ("", 0)
         address, name, helo = str(peer[0]), "", session.host_name or ""
         forwarded = envelope.xforward
-        if forwarded and forwarded.get("ADDR"):
-            address = client_address(forwarded["ADDR"])
+        if forwarded is not None:
+            address = client_address(forwarded.get("ADDR") or "")
             name = forwarded.get("NAME") or ""
             if name.upper() == "[UNAVAILABLE]":
                 name = ""
@@ -485,9 +487,12 @@ class FilterServer:
         lookup: RecipientLookup | None = None,
         stats: Stats | None = None,
         sock: socket.socket | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """`sock`: an already bound listening socket (runfilter binds before it drops
-        privileges, and gives each of FILTER_PROCESSES its own SO_REUSEPORT socket)."""
+        privileges, and gives each of FILTER_PROCESSES its own SO_REUSEPORT socket).
+        `tls`: the STARTTLS context, loaded already (runfilter loads the key once, as root,
+        also for a worker process it starts later as FILTER_USER); else from `config`."""
         if config.mode == "front" and lookup is None and not (
             config.relay_map_path or config.relay_domains
         ):
@@ -496,6 +501,7 @@ class FilterServer:
                 "without them no recipient would be refused (an open relay)"
             )
         self.sock = sock
+        self.tls = tls
         self.config = config
         self.sink = sink
         self.policy = policy
@@ -530,7 +536,7 @@ class FilterServer:
             lookup=self.lookup,
             stats=self.stats,
         )
-        tls = tls_context(self.config)
+        tls = self.tls if self.tls is not None else tls_context(self.config)
 
         def factory() -> asyncio.Protocol:
             return SMTPServerProtocol(

@@ -6,6 +6,7 @@
     lookups.add_from_domains(["example.net"])         # after DATA, the From domains
     findings = await lookups.findings()               # SPAM findings, one per rule that hit
     lookups.errors                                    # what could not be decided (statistics)
+    lookups.skipped                                   # what was not asked, and why
 
 Every query is a task started by `start` (or `add_from_domains`), so the answers arrive
 while the client is still sending; `findings` waits for them at most until `lifetime`
@@ -47,6 +48,25 @@ A list whose zone does not exist answers NXDOMAIN with the SOA of a zone above i
 answer is an error ("list zone does not exist"), not a miss. A list that is a name inside
 its parent's zone rather than a zone of its own looks the same, and is then counted as an
 error on each miss (its hits still count).
+
+Internal clients are never looked up (ours: the man page says nothing of them).
+Behind Postfix the client is whatever host sent the mail: the local pickup, the webmail,
+hosts of the internal network. A client in one of INTERNAL_NETWORKS (0.0.0.0/8 with the
+unspecified address, loopback, RFC 1918, the carrier-grade NAT space 100.64.0.0/10,
+link-local, multicast, IPv6 unique-local fc00::/7, and these as IPv4-mapped IPv6
+addresses) asks nothing of dnsbl and rdns_required: asking would tell the list's operator
+about the internal network and cost query time, and some lists list private ranges (a
+policy list can answer 127.0.0.10 for them), which would score the internal mail. Those
+lines count as not listed, with no score; `DnsLookups.skipped` says so, and nothing is
+counted as a DNS error. The sender's domain is still looked up (dnsbl_domain,
+rmx_required). The documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24,
+2001:db8::/32), which Python counts as private, are not internal here: they are looked
+up like any internet address.
+
+Domains are asked as DNS knows them: an internationalized domain (SMTPUTF8 mail) as IDNA
+2008 A-labels, the way Postfix and the registries write them (`straße.example` is
+`xn--strae-oqa.example`; IDNA 2003 would ask for `strasse.example`, another domain).
+Findings name the A-label form.
 """
 
 from __future__ import annotations
@@ -66,6 +86,7 @@ import dns.nameserver
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
+import idna
 
 from mailfilter.findings import Finding
 from mailfilter.profiles import DnsList, Profile, Scored
@@ -76,6 +97,27 @@ LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 ERROR_CODES = ipaddress.IPv4Network("127.255.255.0/24")
 # A From header may name many addresses; only so many domains are looked up per list.
 MAX_FROM_DOMAINS = 10
+# Clients that are not looked up in block lists or for reverse DNS (see the module
+# docstring). Listed one by one: ipaddress's is_private also covers the documentation
+# ranges, which are internet clients here.
+INTERNAL_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(text)
+    for text in (
+        "0.0.0.0/8",  # "this network", with the unspecified address 0.0.0.0
+        "10.0.0.0/8",  # RFC 1918
+        "100.64.0.0/10",  # shared address space, carrier-grade NAT (RFC 6598)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local
+        "172.16.0.0/12",  # RFC 1918
+        "192.168.0.0/16",  # RFC 1918
+        "224.0.0.0/4",  # multicast
+        "::/128",  # unspecified
+        "::1/128",  # loopback
+        "fc00::/7",  # unique local (RFC 4193)
+        "fe80::/10",  # link-local
+        "ff00::/8",  # multicast
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -104,11 +146,11 @@ class _Query:
     result: _Result | None = None
 
 
-def reversed_address(client_ip: str) -> tuple[str, str] | None:
-    """(`7.2.0.192`, `in-addr.arpa`) for 192.0.2.7; nibbles and `ip6.arpa` for IPv6.
+def client_ip_address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of a client as the checks get it; an IPv4-mapped IPv6 address is IPv4.
 
     Accepts `IPv6:` prefixes (XFORWARD), brackets and zone indexes; None when it is not an
-    address.
+    address (`[UNAVAILABLE]`, `unknown`).
     """
     text = client_ip.strip().strip("[]")
     if text[:5].lower() == "ipv6:":
@@ -119,10 +161,33 @@ def reversed_address(client_ip: str) -> tuple[str, str] | None:
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def internal_network(client_ip: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The one of INTERNAL_NETWORKS that holds the client, None for an internet client."""
+    address = client_ip_address(client_ip)
+    return None if address is None else _internal(address)
+
+
+def _internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    return next((net for net in INTERNAL_NETWORKS if address in net), None)
+
+
+def _reversed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, str]:
     if isinstance(address, ipaddress.IPv4Address):
         return ".".join(reversed(str(address).split("."))), "in-addr.arpa"
     return ".".join(reversed(address.exploded.replace(":", ""))), "ip6.arpa"
+
+
+def reversed_address(client_ip: str) -> tuple[str, str] | None:
+    """(`7.2.0.192`, `in-addr.arpa`) for 192.0.2.7; nibbles and `ip6.arpa` for IPv6.
+
+    Accepts what client_ip_address does; None when it is not an address.
+    """
+    address = client_ip_address(client_ip)
+    return None if address is None else _reversed(address)
 
 
 def sender_domain(sender: str | None) -> str | None:
@@ -136,8 +201,21 @@ def sender_domain(sender: str | None) -> str | None:
     return _domain(domain)
 
 
+def _a_labels(domain: str) -> str:
+    """An internationalized domain as IDNA 2008 A-labels: `straße.example` to
+    `xn--strae-oqa.example` (UTS 46 non-transitional: compatibility forms and case are
+    folded, but ß, ς and the joiners are kept, as Postfix and the registries do). Raises
+    idna.IDNAError for a name IDNA 2008 does not allow."""
+    if domain.isascii():
+        return domain.lower()
+    return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+
+
 def _domain(text: str) -> str | None:
-    domain = text.strip().rstrip(".").lower()
+    try:
+        domain = _a_labels(text.strip()).rstrip(".")
+    except idna.IDNAError:
+        return None
     if not domain or domain.startswith("[") or "." not in domain:
         return None
     try:
@@ -228,9 +306,16 @@ class DnsChecker:
     ) -> DnsLookups:
         """Start every query the profile needs; must be called inside the event loop."""
         lookups = DnsLookups(self, profile)
-        reversed_ip = reversed_address(client_ip) if client_ip else None
-        if reversed_ip is not None:
-            lookups._client(reversed_ip, client_ip or "")
+        address = client_ip_address(client_ip) if client_ip else None
+        if address is not None:
+            internal = _internal(address)
+            if internal is None:
+                lookups._client(_reversed(address), client_ip or "")
+            elif profile.dnsbl or profile.rdns_required.value:
+                lookups._skip(
+                    f"client {client_ip} is in {internal}, an internal network: "
+                    "not looked up in block lists or for reverse DNS"
+                )
         domain = sender_domain(sender)
         if domain is not None:
             lookups._sender(domain)
@@ -264,6 +349,7 @@ class DnsLookups:
     checker: DnsChecker
     profile: Profile
     errors: list[DnsError] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     _queries: dict[tuple[str, str], _Query] = field(default_factory=dict)
     _rules: list[_Rule] = field(default_factory=list)
     _domain_rules: dict[int, _Rule] = field(default_factory=dict)
@@ -282,6 +368,11 @@ class DnsLookups:
             query = _Query(check=check, text=text, task=task, deadline=deadline)
             self._queries[key] = query
         return query
+
+    def _skip(self, reason: str) -> None:
+        """Lines left unasked on purpose: they count as not listed, and as no error."""
+        self.skipped.append(reason)
+        log.debug("DNS %s", reason)
 
     def _client(self, reversed_ip: tuple[str, str], client_ip: str) -> None:
         labels, arpa = reversed_ip

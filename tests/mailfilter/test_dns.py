@@ -34,18 +34,19 @@ def nibbles(address: str) -> str:
 
 LISTED_V6 = "2001:db8::2"
 RECORDS = [
-    # dnsbl: 127.0.0.2 listed, 127.0.0.3 answered with an error code, 127.0.0.4 listed
-    # with another code, 127.0.0.5 answered outside 127/8 (an NXDOMAIN-rewriting resolver)
-    "address=/2.0.0.127.bl.test/127.0.0.2",
-    "address=/3.0.0.127.bl.test/127.255.255.254",
-    "address=/4.0.0.127.bl.test/127.0.0.4",
-    "address=/5.0.0.127.bl.test/192.0.2.99",
+    # dnsbl: 192.0.2.2 listed, 192.0.2.3 answered with an error code, 192.0.2.4 listed
+    # with another code, 192.0.2.5 answered outside 127/8 (an NXDOMAIN-rewriting resolver).
+    # Clients are documentation addresses: internal ones (127/8...) are never looked up.
+    "address=/2.2.0.192.bl.test/127.0.0.2",
+    "address=/3.2.0.192.bl.test/127.255.255.254",
+    "address=/4.2.0.192.bl.test/127.0.0.4",
+    "address=/5.2.0.192.bl.test/192.0.2.99",
     f"address=/{nibbles(LISTED_V6)}.bl.test/127.0.0.2",
     # dnsbl_domain
     "address=/spam.example.test.dbl.test/127.0.1.2",
     "address=/phish.example.test.dbl.test/127.0.1.4",
     # reverse DNS
-    "ptr-record=1.0.0.127.in-addr.arpa,host.example.test",
+    "ptr-record=1.2.0.192.in-addr.arpa,host.example.test",
     f"ptr-record={nibbles('2001:db8::1')}.ip6.arpa,host6.example.test",
     # sender domains
     "mx-host=mx.example.test,mail.example.test,10",
@@ -56,7 +57,7 @@ RECORDS = [
     "mx-host=nullmx.example.test,.,0",
     "host-record=nullmx.example.test,192.0.2.11",
 ]
-AUTH_RECORDS = ["host-record=2.0.0.127.auth.test,127.0.0.2"]
+AUTH_RECORDS = ["host-record=2.2.0.192.auth.test,127.0.0.2"]
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +88,11 @@ def run(dns_checker, profile_text, *, client_ip="192.0.2.1", sender="", from_dom
 
 
 def test_the_server_answers_from_its_records(dns_server):
-    assert dns_server.ask("2.0.0.127.bl.test") == (
+    assert dns_server.ask("2.2.0.192.bl.test") == (
         "NOERROR",
-        ["2.0.0.127.bl.test. 0 IN A 127.0.0.2"],
+        ["2.2.0.192.bl.test. 0 IN A 127.0.0.2"],
     )
-    assert dns_server.ask("9.0.0.127.bl.test")[0] == "NXDOMAIN"
+    assert dns_server.ask("9.2.0.192.bl.test")[0] == "NXDOMAIN"
     assert dns_server.ask("mx.example.test", "MX")[1] == [
         "mx.example.test. 0 IN MX 10 mail.example.test."
     ]
@@ -101,45 +102,45 @@ def test_the_server_answers_from_its_records(dns_server):
 
 
 def test_dnsbl_hit_scores_the_line(dns_server):
-    findings, errors = run(checker(dns_server), "dnsbl=3,bl.test", client_ip="127.0.0.2")
+    findings, errors = run(checker(dns_server), "dnsbl=3,bl.test", client_ip="192.0.2.2")
     assert [(f.category, f.name, f.score) for f in findings] == [("SPAM", "dnsbl", 3.0)]
-    assert "127.0.0.2 listed in bl.test" in findings[0].detail
+    assert "192.0.2.2 listed in bl.test" in findings[0].detail
     assert errors == []
 
 
 def test_dnsbl_hit_with_the_named_answer(dns_server):
     findings, errors = run(
-        checker(dns_server), "dnsbl=2,bl.test/127.0.0.2", client_ip="127.0.0.2"
+        checker(dns_server), "dnsbl=2,bl.test/127.0.0.2", client_ip="192.0.2.2"
     )
     assert [(f.name, f.score) for f in findings] == [("dnsbl", 2.0)]
-    assert findings[0].detail == "127.0.0.2 listed in bl.test (127.0.0.2)"
+    assert findings[0].detail == "192.0.2.2 listed in bl.test (127.0.0.2)"
     assert errors == []
 
 
 def test_dnsbl_miss(dns_server):
-    findings, errors = run(checker(dns_server), "dnsbl=3,bl.test", client_ip="127.0.0.9")
+    findings, errors = run(checker(dns_server), "dnsbl=3,bl.test", client_ip="192.0.2.9")
     assert findings == [] and errors == []
 
 
 def test_dnsbl_answer_other_than_the_named_one_is_no_hit(dns_server):
     text = "dnsbl=2,bl.test/127.0.0.2\ndnsbl=5,bl.test/127.0.0.4"
-    findings, errors = run(checker(dns_server), text, client_ip="127.0.0.4")
+    findings, errors = run(checker(dns_server), text, client_ip="192.0.2.4")
     assert [(f.name, f.score) for f in findings] == [("dnsbl", 5.0)]
     assert errors == []
 
 
 def test_dnsbl_error_code_is_no_hit_but_counted(dns_server):
     text = "dnsbl=2,bl.test/127.0.0.2\ndnsbl=1,bl.test"
-    findings, errors = run(checker(dns_server), text, client_ip="127.0.0.3")
+    findings, errors = run(checker(dns_server), text, client_ip="192.0.2.3")
     assert findings == []
     assert len(errors) == 1  # one query for both lines
     assert errors[0].check == "dnsbl"
-    assert errors[0].query == "3.0.0.127.bl.test A"
+    assert errors[0].query == "3.2.0.192.bl.test A"
     assert "127.255.255.254" in errors[0].reason
 
 
 def test_dnsbl_answer_outside_loopback_is_no_hit_but_counted(dns_server):
-    findings, errors = run(checker(dns_server), "dnsbl=1,bl.test", client_ip="127.0.0.5")
+    findings, errors = run(checker(dns_server), "dnsbl=1,bl.test", client_ip="192.0.2.5")
     assert findings == []
     assert [e.reason for e in errors] == ["answer outside 127.0.0.0/8 (192.0.2.99)"]
 
@@ -153,7 +154,7 @@ def test_dnsbl_ipv6_client_is_looked_up_by_reversed_nibbles(dns_server):
 
 
 def test_dnsbl_ipv4_mapped_client_counts_as_ipv4(dns_server):
-    findings, _ = run(checker(dns_server), "dnsbl=1,bl.test", client_ip="IPv6:::ffff:127.0.0.2")
+    findings, _ = run(checker(dns_server), "dnsbl=1,bl.test", client_ip="IPv6:::ffff:192.0.2.2")
     assert [f.name for f in findings] == ["dnsbl"]
 
 
@@ -162,31 +163,31 @@ def test_the_same_list_with_several_answers_is_asked_once(dns_server):
 
     async def go():
         lookups = checker(dns_server).start(
-            profile(text), client_ip="127.0.0.2", sender="", from_domains=()
+            profile(text), client_ip="192.0.2.2", sender="", from_domains=()
         )
         queries = len(lookups._queries)
         return queries, await lookups.findings()
 
     queries, findings = asyncio.run(go())
     assert queries == 1
-    assert [f.detail for f in findings] == ["127.0.0.2 listed in bl.test (127.0.0.2)"]
+    assert [f.detail for f in findings] == ["192.0.2.2 listed in bl.test (127.0.0.2)"]
 
 
 def test_list_whose_zone_does_not_exist_is_counted_not_a_miss(dns_server):
     # auth.test is a zone: a miss there is NXDOMAIN with auth.test's SOA.
     text = "dnsbl=1,auth.test"
-    findings, errors = run(checker(dns_server), text, client_ip="127.0.0.2")
+    findings, errors = run(checker(dns_server), text, client_ip="192.0.2.2")
     assert [f.name for f in findings] == ["dnsbl"]
-    findings, errors = run(checker(dns_server), text, client_ip="127.0.0.9")
+    findings, errors = run(checker(dns_server), text, client_ip="192.0.2.9")
     assert findings == [] and errors == []
     # gone.auth.test is no zone: NXDOMAIN with the SOA of the zone above it.
-    findings, errors = run(checker(dns_server), "dnsbl=1,gone.auth.test", client_ip="127.0.0.9")
+    findings, errors = run(checker(dns_server), "dnsbl=1,gone.auth.test", client_ip="192.0.2.9")
     assert findings == []
     assert [e.reason for e in errors] == ["list zone does not exist"]
 
 
 def test_list_the_server_refuses_is_counted(dns_server):
-    findings, errors = run(checker(dns_server), "dnsbl=1,bl.invalid", client_ip="127.0.0.2")
+    findings, errors = run(checker(dns_server), "dnsbl=1,bl.invalid", client_ip="192.0.2.2")
     assert findings == []
     assert len(errors) == 1 and "REFUSED" in errors[0].reason
 
@@ -206,13 +207,13 @@ def test_silent_list_times_out_without_a_finding_and_within_the_lifetime(dns_ser
     text = "dnsbl=1,bl.test\ndnsbl=5,slow.test\nrdns_required=2,1"
     started = time.monotonic()
     findings, errors = run(
-        checker(dns_server, timeout=0.3, lifetime=0.8), text, client_ip="127.0.0.2"
+        checker(dns_server, timeout=0.3, lifetime=0.8), text, client_ip="192.0.2.2"
     )
     elapsed = time.monotonic() - started
     assert elapsed < 0.8 + 0.5
-    # bl.test answered; the PTR for 127.0.0.2 is missing; slow.test is only counted
+    # bl.test answered; the PTR for 192.0.2.2 is missing; slow.test is only counted
     assert sorted(f.name for f in findings) == ["dnsbl", "rdns_required"]
-    assert [(e.check, e.query) for e in errors] == [("dnsbl", "2.0.0.127.slow.test A")]
+    assert [(e.check, e.query) for e in errors] == [("dnsbl", "2.2.0.192.slow.test A")]
     assert errors[0].reason == "timeout"
 
 
@@ -223,7 +224,7 @@ def test_silent_name_server_bounds_the_whole_check_by_the_lifetime(dns_server):
     text = "dnsbl=1,bl.test\ndnsbl_domain=1,dbl.test\nrdns_required=1,1\nrmx_required=1,1"
     started = time.monotonic()
     findings, errors = run(
-        dns_checker, text, client_ip="127.0.0.2", sender="a@spam.example.test"
+        dns_checker, text, client_ip="192.0.2.2", sender="a@spam.example.test"
     )
     elapsed = time.monotonic() - started
     assert findings == []
@@ -241,7 +242,7 @@ def test_queries_run_while_the_caller_waits_for_something_else(dns_server):
 
     async def go():
         lookups = dns_checker.start(
-            profile("dnsbl=1,bl.test"), client_ip="127.0.0.2", sender="", from_domains=()
+            profile("dnsbl=1,bl.test"), client_ip="192.0.2.2", sender="", from_domains=()
         )
         await asyncio.sleep(0.7)  # the message arrives meanwhile
         started = time.monotonic()
@@ -260,7 +261,7 @@ def test_cancel_drops_the_running_queries(dns_server):
 
     async def go():
         lookups = dns_checker.start(
-            profile("dnsbl=1,bl.test"), client_ip="127.0.0.2", sender="", from_domains=()
+            profile("dnsbl=1,bl.test"), client_ip="192.0.2.2", sender="", from_domains=()
         )
         await asyncio.sleep(0.05)
         lookups.cancel()
@@ -327,14 +328,14 @@ def test_from_domains_can_be_added_after_the_start(dns_server):
 
 
 def test_rdns_present(dns_server):
-    findings, errors = run(checker(dns_server), "rdns_required=2,1", client_ip="127.0.0.1")
+    findings, errors = run(checker(dns_server), "rdns_required=2,1", client_ip="192.0.2.1")
     assert findings == [] and errors == []
 
 
 def test_rdns_absent_scores(dns_server):
-    findings, errors = run(checker(dns_server), "rdns_required=2,1", client_ip="127.0.0.9")
+    findings, errors = run(checker(dns_server), "rdns_required=2,1", client_ip="192.0.2.9")
     assert [(f.name, f.score, f.detail) for f in findings] == [
-        ("rdns_required", 2.0, "no reverse DNS (PTR) for 127.0.0.9")
+        ("rdns_required", 2.0, "no reverse DNS (PTR) for 192.0.2.9")
     ]
     assert errors == []
 
@@ -347,7 +348,7 @@ def test_rdns_for_ipv6(dns_server):
 
 
 def test_rdns_off_by_default(dns_server):
-    findings, errors = run(checker(dns_server), "reject_score=5", client_ip="127.0.0.9")
+    findings, errors = run(checker(dns_server), "reject_score=5", client_ip="192.0.2.9")
     assert findings == [] and errors == []
 
 
@@ -391,7 +392,7 @@ def test_a_second_transaction_is_judged_the_same_from_the_cache(dns_server):
     dns_checker = checker(dns_server)
     text = "dnsbl=1,gone.auth.test\ndnsbl=2,bl.test\nrdns_required=1,1\nrmx_required=1,1"
     results = [
-        run(dns_checker, text, client_ip="127.0.0.2", sender="a@nowhere.example.test")
+        run(dns_checker, text, client_ip="192.0.2.2", sender="a@nowhere.example.test")
         for _ in range(2)
     ]
     assert results[0] == results[1]
@@ -483,23 +484,23 @@ def _decide(checks, client_ip: str):
 
 def test_a_listed_client_makes_the_message_spam_through_the_worker_policy(dns_server, tmp_path):
     checks = _checks_with_dns(tmp_path, (f"127.0.0.1:{dns_server.port}",))
-    listed = _decide(checks, "127.0.0.2")
+    listed = _decide(checks, "192.0.2.2")
     assert listed.category == "SPAM"
     assert any(f.name == "dnsbl" and f.score == 6.0 for f in listed.findings)
-    assert _decide(checks, "127.0.0.9").category is None
+    assert _decide(checks, "192.0.2.9").category is None
 
 
 def test_without_dns_servers_the_profiles_dns_lines_ask_nothing(dns_server, tmp_path):
     checks = _checks_with_dns(tmp_path, ())
     assert checks.policy.dns_checks is None
-    assert _decide(checks, "127.0.0.2").category is None
+    assert _decide(checks, "192.0.2.2").category is None
 
 
 def test_dns_errors_are_counted_in_the_statistics(dns_server, tmp_path):
     checks = _checks_with_dns(tmp_path, (f"127.0.0.1:{dns_server.port}",))
     (tmp_path / "Medium").write_text("reject_score=5\ndnsbl=6,no-such-zone.auth.test\n")
     checks.reload()
-    _decide(checks, "127.0.0.2")
+    _decide(checks, "192.0.2.2")
     assert checks.stats.get("dns_errors", "dnsbl") == 1
     assert 'spamviewer_filter_dns_errors_total{check="dnsbl"} 1' in checks.stats.render()
 
@@ -561,10 +562,12 @@ def test_the_worker_sends_its_queries_before_the_data_command(
         worker = start_filter(policy=checks.policy, lookup=checks.lookup)
         client = raw(worker.port)
         client.reply()
-        client.command(b"EHLO client.test")
+        client.command(b"EHLO postfix.test")
+        # Behind Postfix: the client is the one XFORWARD names, not the loopback peer.
+        assert client.command(b"XFORWARD ADDR=192.0.2.1").startswith(b"250")
         assert client.command(b"MAIL FROM:<a@mx.example.test>").startswith(b"250")
         assert client.command(b"RCPT TO:<alice@example.test>").startswith(b"250")
-        early = ("1.0.0.127.bl.test.", "mx.example.test.", "mx.example.test.dbl.test.")
+        early = ("1.2.0.192.bl.test.", "mx.example.test.", "mx.example.test.dbl.test.")
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and None in map(proxy.first, early):
             time.sleep(0.02)
@@ -581,7 +584,7 @@ def test_the_worker_sends_its_queries_before_the_data_command(
             assert arrived is not None and arrived < data_sent, name
         # The From header's domain is known only after DATA, and each query is sent once.
         assert proxy.first("spam.example.test.dbl.test.") > data_sent
-        assert [text for _, text in proxy.arrivals].count("1.0.0.127.bl.test.") == 1
+        assert [text for _, text in proxy.arrivals].count("1.2.0.192.bl.test.") == 1
         assert checks.stats.get("verdicts", "SPAM") == 1
     finally:
         proxy.stop()

@@ -217,7 +217,7 @@ def test_spam_header_scores_including_negative_ones(spam, score, required):
 RECORDS = [
     # A resolver or wildcard that answers everything with a public address.
     "address=/wild.test/192.0.2.99",
-    "address=/2.0.0.127.bl.test/127.0.0.2",
+    "address=/2.2.0.192.bl.test/127.0.0.2",
 ]
 
 
@@ -251,5 +251,5 @@ def test_a_named_answer_outside_127_8_is_never_a_listing(dns_server):
 
 def test_a_named_loopback_answer_still_hits(dns_server):
     """A named answer inside 127.0.0.0/8 hits as before."""
-    findings, errors = _dns(dns_server, "dnsbl=3,bl.test/127.0.0.2", "127.0.0.2")
+    findings, errors = _dns(dns_server, "dnsbl=3,bl.test/127.0.0.2", "192.0.2.2")
     assert [(f.name, f.score) for f in findings] == [("dnsbl", 3.0)] and errors == []
