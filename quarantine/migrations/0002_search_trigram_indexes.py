@@ -16,7 +16,10 @@ If the extension can be neither found nor created, this migration logs a warning
 completes without the indexes: search still works, but a search over the whole quarantine
 reads every row. To add the indexes later, create the extension and then run
 
-    manage.py migrate quarantine 0001 && manage.py migrate
+    manage.py searchindexes
+
+(not a migration back to 0001: that would also undo the later migrations and drop what
+they keep, such as the deletions still to be done).
 
 The indexes are built with CREATE INDEX CONCURRENTLY, so mail keeps being quarantined
 while they are built; the migration therefore runs outside a transaction. SQLite and
@@ -41,7 +44,7 @@ TRIGRAM_INDEXES = [
 PENDING_LIST_KB = 256
 
 
-def _has_trigram_extension(cursor) -> bool:
+def has_trigram_extension(cursor) -> bool:
     cursor.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'")
     return cursor.fetchone() is not None
 
@@ -51,7 +54,7 @@ def create_trigram_indexes(apps, schema_editor):
     if connection.vendor != "postgresql":
         return
     with connection.cursor() as cursor:
-        if not _has_trigram_extension(cursor):
+        if not has_trigram_extension(cursor):
             try:
                 cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
             except DatabaseError as exc:
@@ -59,7 +62,7 @@ def create_trigram_indexes(apps, schema_editor):
                     "Could not create the PostgreSQL extension pg_trgm (%s). The search "
                     "indexes are not built and a search over the whole quarantine will be "
                     "slow. Run CREATE EXTENSION pg_trgm as a superuser, then "
-                    "'manage.py migrate quarantine 0001 && manage.py migrate'.",
+                    "'manage.py searchindexes'.",
                     str(exc).strip(),
                 )
                 return

@@ -227,3 +227,16 @@ def test_migrations_run_on_sqlite_and_back(tmp_path):
     assert "[X] 0002_search_trigram_indexes" in run("showmigrations", "quarantine")
     run("migrate", "quarantine", "0001", "--noinput", "-v0")
     assert "[ ] 0002_search_trigram_indexes" in run("showmigrations", "quarantine")
+
+
+def test_searchindexes_says_the_indexes_are_for_postgresql(tmp_path):
+    env = {
+        **os.environ,
+        "SPAMVIEWER_VAR_DIR": str(tmp_path),
+        "SPAMVIEWER_IGNORE_DOTENV": "1",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
+    done = subprocess.run([sys.executable, "manage.py", "searchindexes"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "the search indexes are for PostgreSQL; this database is sqlite" in done.stderr
