@@ -365,20 +365,25 @@ class FileStore:
             tmp = directory / f".tmp-{final.name}-{secrets.token_hex(6)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
             try:
-                os.fchmod(fd, 0o640)
-                view = memoryview(payload)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # link() fails if the name exists, so a file is never overwritten.
-            try:
+                try:
+                    os.fchmod(fd, 0o640)
+                    view = memoryview(payload)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # link() fails if the name exists, so a file is never overwritten.
                 os.link(tmp, final)
                 linked = True
-            finally:
-                os.unlink(tmp)
+            except BaseException:
+                # A write cut short by a full disk holds the blocks it got: left here, it
+                # would keep the disk full for the next, smaller message, and each retry
+                # of this one would fill it again.
+                _remove_quietly(tmp)
+                raise
+            os.unlink(tmp)
             fsync_directory(directory)
         except (StoreError, OSError) as exc:
             if linked:
@@ -402,9 +407,11 @@ class FileStore:
         except OSError as exc:
             raise StoreError(f"{path}: cannot open ({exc.strerror})") from exc
         with os.fdopen(fd, "rb") as raw:
-            head = raw.read(2)
-            raw.seek(0)
+            # An I/O error (a failing disk) is as much the store's failure as a bad gzip:
+            # callers answer it as a file that cannot be read.
             try:
+                head = raw.read(2)
+                raw.seek(0)
                 if head == b"\x1f\x8b":
                     with gzip.GzipFile(fileobj=raw) as gz:
                         data = gz.read(MAX_FILE_BYTES + 1)
@@ -481,6 +488,15 @@ class FileStore:
                 except OSError:
                     continue
         return removed
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.exception("cannot remove %s after a failed write", path)
 
 
 def get_store(origin: str | Path | None = None) -> FileStore:
