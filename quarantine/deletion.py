@@ -7,6 +7,12 @@ never a row that points at nothing. The transaction that deletes the rows also r
 each file as a PendingFileDeletion, dropped once the file is unlinked: the indexer never
 indexes a file that has one, and `prunequarantine` removes what a crash or a failed
 unlink left behind.
+
+An index run checks, in the transaction that inserts a batch of rows, that each file is
+still there and has no pending deletion. Under PostgreSQL's READ COMMITTED that check does
+not see a deletion committed after it, so both sides take one lock (lock_store_files):
+a deletion waits for the batch (and then deletes the rows the batch inserted), or the batch
+waits for the deletion (and then sees its records).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from collections.abc import Iterable
 
 from django.db import DatabaseError, transaction
+from django.db.transaction import TransactionManagementError
 
 from quarantine.models import AuditEvent, Message, PendingFileDeletion, Recipient, record_event
 from quarantine.store import FileStore, StoreError, get_store, name_info
@@ -26,6 +33,32 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 1000
 # A held file younger than this may be one the filter is still indexing: a clear keeps it.
 _YOUNG_SECONDS = 300
+# PostgreSQL advisory lock key of lock_store_files ("SPAMVIEW"), unique within the database.
+_FILES_LOCK_KEY = 0x5350_414D_5649_4557
+
+
+def lock_store_files(*, indexing: bool = False) -> None:
+    """Take, until the end of the current transaction, the lock that orders an index run's
+    batch (`indexing`: from before its check of the files to its commit) against the
+    deletions that record pending deletions of files. Call it first in the transaction.
+
+    On PostgreSQL it is a transaction-level advisory lock: an index batch holds it alone,
+    deletions share it, so that users' deletions never wait for one another here, and only
+    for one batch of an index run, never for the whole run. SQLite lets one transaction
+    write at a time: a write (of no row) takes that write lock now rather than at the
+    first insert, so the other side waits for the commit (busy timeout) instead of
+    committing in between.
+    """
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        raise TransactionManagementError("lock_store_files() needs a transaction to last")
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            function = "pg_advisory_xact_lock" if indexing else "pg_advisory_xact_lock_shared"
+            cursor.execute(f"SELECT {function}(%s)", [_FILES_LOCK_KEY])
+        elif connection.vendor == "sqlite":
+            table = connection.ops.quote_name(PendingFileDeletion._meta.db_table)
+            cursor.execute(f"UPDATE {table} SET id = id WHERE 0")  # noqa: S608 - a model's table
 
 
 def delete_message(message: Message, *, user) -> int:
@@ -60,6 +93,9 @@ def clear_quarantine(*, user) -> int:
     held = _held_keys(store)
     origins = {str(store.root), str(store.root.absolute()), str(store.root.resolve())}
     with transaction.atomic():
+        # Before the rows are read: an index batch that found one of the held files commits
+        # its row first (and the row goes with the others), or sees the pending record.
+        lock_store_files()
         indexed = set(
             Message.objects.filter(origin__in=origins).values_list("storage_key", flat=True)
         )
@@ -69,23 +105,38 @@ def clear_quarantine(*, user) -> int:
     return removed
 
 
-def delete_messages(messages, *, user=None, action: str = AuditEvent.Action.DELETE) -> int:
-    """Delete whole messages (rows and files); used by retention."""
-    return _delete_messages(messages)
+def delete_messages(
+    messages,
+    *,
+    user=None,
+    action: str = AuditEvent.Action.DELETE,
+    errors: list[str] | None = None,
+) -> int:
+    """Delete whole messages (rows and files); used by retention. Outside a transaction the
+    files are unlinked before this returns, and each one that cannot be is named in
+    `errors`."""
+    return _delete_messages(messages, errors=errors)
 
 
 def _delete_recipients(recipients, *, user) -> int:
     with transaction.atomic():
+        lock_store_files()
         message_ids = set(recipients.values_list("message_id", flat=True))
         recipients.delete()
         orphans = Message.objects.filter(id__in=message_ids, recipients__isnull=True)
         return _delete_messages(orphans)
 
 
-def _delete_messages(messages, *, also_files: Iterable[tuple[str, str]] = ()) -> int:
+def _delete_messages(
+    messages,
+    *,
+    also_files: Iterable[tuple[str, str]] = (),
+    errors: list[str] | None = None,
+) -> int:
     """Delete the messages' rows, and after the commit their files and `also_files` (files
     without a row). Returns the number of files."""
     with transaction.atomic():
+        lock_store_files()
         files = list(messages.values_list("origin", "storage_key")) + list(also_files)
         Message.objects.filter(id__in=messages.values("id")).delete()
         PendingFileDeletion.objects.bulk_create(
@@ -93,14 +144,14 @@ def _delete_messages(messages, *, also_files: Iterable[tuple[str, str]] = ()) ->
             batch_size=BATCH_SIZE,
             ignore_conflicts=True,
         )
-        transaction.on_commit(lambda: _remove_files(files))
+        transaction.on_commit(lambda: _remove_files(files, errors))
     return len(files)
 
 
-def _remove_files(files: list[tuple[str, str]]) -> int:
+def _remove_files(files: list[tuple[str, str]], errors: list[str] | None = None) -> int:
     """Unlink files whose rows are deleted; each one's PendingFileDeletion goes once it is
-    unlinked or found gone, and stays (for `prunequarantine`) when the unlink fails.
-    Returns the number of files that are gone now."""
+    unlinked or found gone, and stays (for `prunequarantine`) when the unlink fails (and
+    the failure is added to `errors`). Returns the number of files that are gone now."""
     gone = 0
     for start in range(0, len(files), BATCH_SIZE):
         done: dict[str, list[str]] = {}
@@ -109,6 +160,8 @@ def _remove_files(files: list[tuple[str, str]]) -> int:
                 get_store(origin).delete(key)
             except StoreError as exc:
                 log.warning("%s", exc)
+                if errors is not None:
+                    errors.append(str(exc))
             else:
                 done.setdefault(origin, []).append(key)
         for origin, keys in done.items():
@@ -122,9 +175,10 @@ def _remove_files(files: list[tuple[str, str]]) -> int:
     return gone
 
 
-def retry_pending_deletions() -> int:
+def retry_pending_deletions(errors: list[str] | None = None) -> int:
     """Unlink the files that an interrupted or failed removal left; returns how many are
-    gone now (a file whose unlink fails again keeps its record for the next run)."""
+    gone now (a file whose unlink fails again keeps its record for the next run, and is
+    named in `errors`)."""
     gone = 0
     last_id = 0
     while True:
@@ -136,7 +190,7 @@ def retry_pending_deletions() -> int:
         if not rows:
             return gone
         last_id = rows[-1][0]
-        gone += _remove_files([(origin, key) for _, origin, key in rows])
+        gone += _remove_files([(origin, key) for _, origin, key in rows], errors)
 
 
 def _held_keys(store: FileStore) -> list[str]:

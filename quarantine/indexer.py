@@ -8,7 +8,11 @@ of 100,000 files is indexed in one pass of a few seconds of database time.
 
 A file with a PendingFileDeletion (its message was deleted, the file not unlinked yet) is
 skipped, never indexed again: it is looked for when the directory is listed and again in
-the transaction that inserts the rows, so a deletion committed in between wins.
+the transaction that inserts the rows, so a deletion committed in between wins. That
+transaction holds the lock deletions take (quarantine.deletion.lock_store_files) from
+before its check to its commit, so a deletion cannot commit between the two either: it
+waits for the batch, then deletes the rows the batch inserted. The lock lasts one batch,
+so that users' deletions never wait for a whole run.
 
 A file that cannot be read (bad gzip, garbage, a quarantine name without a quarantine
 header) or whose values the database refuses is reported by name and the run goes on: one
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from django.db import DataError, IntegrityError, transaction
 
+from quarantine.deletion import lock_store_files
 from quarantine.headers import display_value, format_addresses, make_visible
 from quarantine.models import Message, PendingFileDeletion, Recipient
 from quarantine.store import (
@@ -444,8 +449,9 @@ def index_directory(root: str | Path, *, progress: ProgressCallback | None = Non
     given = Path(root)
     try:
         resolved = given.resolve(strict=True)
-    except OSError as exc:
-        raise StoreError(f"{given}: cannot open directory ({exc.strerror or exc})") from exc
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        reason = getattr(exc, "strerror", None) or exc
+        raise StoreError(f"{given}: cannot open directory ({reason})") from exc
     store = FileStore(resolved)
     summary = IndexSummary(directory=str(resolved))
     # Rows written under another spelling of the same directory (a symlinked path, a
@@ -567,6 +573,7 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
         return
     try:
         with transaction.atomic():
+            lock_store_files(indexing=True)
             deleting = _deleting(batch, origins)
             inserted = [p for p in batch if p.message.storage_key not in deleting]
             messages = Message.objects.bulk_create([p.message for p in inserted])
@@ -584,6 +591,7 @@ def _insert_batch(pending: list[ParsedFile], summary: IndexSummary, origins: set
         parsed.message.pk = None
         try:
             with transaction.atomic():
+                lock_store_files(indexing=True)
                 if _deleting([parsed], origins):
                     summary.skipped += 1
                     continue

@@ -6,12 +6,16 @@ together through quarantine.deletion, a batch of messages per transaction, so th
 million expired messages never mean a million queries or one huge transaction. Each run
 also removes the files of deleted messages that a crash or a failed unlink left on disk
 (their PendingFileDeletion records).
+
+A file that cannot be removed (a read-only or failing disk) does not stop the run: it keeps
+its record for the next run and is named in the summary's `errors`, since the space it
+holds is not freed.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -35,6 +39,8 @@ class PruneSummary:
     pending_files: int = 0
     max_age_days: int = 0
     max_size_mb: int = 0
+    # Files that could not be removed, and why; one line each.
+    errors: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         age = f"older than {self.max_age_days} days" if self.max_age_days else "no age limit"
@@ -45,6 +51,8 @@ class PruneSummary:
         )
         if self.pending_files:
             text += f", {self.pending_files} left-over files of deleted messages"
+        if self.errors:
+            text += f"; {len(self.errors)} files could not be removed"
         return text
 
 
@@ -63,14 +71,17 @@ def prune_quarantine(
     summary = PruneSummary(max_age_days=max_age_days, max_size_mb=max_size_mb)
 
     # Files of messages deleted earlier whose removal was interrupted or failed.
-    summary.pending_files = retry_pending_deletions()
+    summary.pending_files = retry_pending_deletions(summary.errors)
 
     if max_age_days > 0:
         cutoff = now - timedelta(days=max_age_days)
-        summary.expired = _delete_oldest(Message.objects.filter(received_at__lt=cutoff))
+        summary.expired = _delete_oldest(
+            Message.objects.filter(received_at__lt=cutoff), errors=summary.errors
+        )
     if max_size_mb > 0:
         summary.over_size = _delete_oldest(
-            Message.objects.all(), down_to_bytes=max_size_mb * 1024 * 1024
+            Message.objects.all(), down_to_bytes=max_size_mb * 1024 * 1024,
+            errors=summary.errors,
         )
 
     store = get_store()
@@ -79,6 +90,7 @@ def prune_quarantine(
             summary.temporary_files = store.cleanup_temporary()
         except OSError as exc:
             log.warning("%s: cannot remove temporary files (%s)", store.root, exc)
+            summary.errors.append(f"{store.root}: cannot remove temporary files ({exc})")
 
     if summary.expired or summary.over_size or summary.temporary_files or summary.pending_files:
         record_event(None, AuditEvent.Action.PRUNE, detail=str(summary))
@@ -89,7 +101,9 @@ def _total_size() -> int:
     return Message.objects.aggregate(total=Sum("file_size"))["total"] or 0
 
 
-def _delete_oldest(messages, *, down_to_bytes: int | None = None) -> int:
+def _delete_oldest(
+    messages, *, down_to_bytes: int | None = None, errors: list[str] | None = None
+) -> int:
     """Delete messages oldest first, a batch per transaction.
 
     With `down_to_bytes`, stop once the whole quarantine is no larger than that. The size
@@ -119,7 +133,7 @@ def _delete_oldest(messages, *, down_to_bytes: int | None = None) -> int:
         else:
             take = [row_id for row_id, _ in rows]
         count = delete_messages(
-            Message.objects.filter(id__in=take), action=AuditEvent.Action.PRUNE
+            Message.objects.filter(id__in=take), action=AuditEvent.Action.PRUNE, errors=errors
         )
         deleted += count
         if count == 0 and excess is None:

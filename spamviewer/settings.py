@@ -307,6 +307,9 @@ CELERY_TIMEZONE = "UTC"
 # the middle leaves its job to be delivered again rather than lost, and a job stuck on a
 # hung disk or directory is stopped (soft: the job's own clean-up runs) within the hour.
 CELERY_TASK_ACKS_LATE = True
+# A job that fails (it raises: its state is FAILURE) is acknowledged, not run again at
+# once; the next scheduled run tries again.
+CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = 55 * 60
@@ -342,10 +345,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": _crontab(QUARANTINE_PRUNE_CRON, "QUARANTINE_PRUNE_CRON"),
     },
 }
-CELERY_BEAT_SCHEDULE["sync-directory"] = {
-    "task": "directory.tasks.sync_directory_task",
-    "schedule": _crontab(DIRECTORY_SYNC_CRON, "DIRECTORY_SYNC_CRON"),
-}
+_SYNC_SCHEDULE = _crontab(DIRECTORY_SYNC_CRON, "DIRECTORY_SYNC_CRON")
+if LDAP_SERVER:
+    # With no directory there is nothing to sync: the run would only fail every night.
+    CELERY_BEAT_SCHEDULE["sync-directory"] = {
+        "task": "directory.tasks.sync_directory_task",
+        "schedule": _SYNC_SCHEDULE,
+    }
 
 # ---------------------------------------------------------------------------------------
 # Internationalisation and logging

@@ -56,3 +56,18 @@ def test_no_secret_key_in_environment_generates_a_private_one(tmp_path):
 def test_importing_mailfilter_does_not_import_django():
     code = "import sys, mailfilter; assert 'django' not in sys.modules, 'django imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize(("ldap_server", "jobs"), [
+    ("", ["prune-quarantine"]),
+    ("ldap://dc1.example.test", ["prune-quarantine", "sync-directory"]),
+])
+def test_beat_runs_the_directory_sync_only_with_a_directory(tmp_path, ldap_server, jobs):
+    env = {"PATH": "/usr/bin:/bin", "SPAMVIEWER_VAR_DIR": str(tmp_path),
+           "SPAMVIEWER_IGNORE_DOTENV": "1", "LDAP_SERVER": ldap_server,
+           "DJANGO_SETTINGS_MODULE": "spamviewer.settings"}
+    code = ("import django; django.setup(); from django.conf import settings; "
+            "print(' '.join(sorted(settings.CELERY_BEAT_SCHEDULE)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == jobs

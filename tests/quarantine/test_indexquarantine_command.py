@@ -113,3 +113,11 @@ def test_async_option_hands_the_work_to_the_task(tmp_path, settings):
 
     assert out == f"queued indexing of {root}\n"
     assert Message.objects.count() == 4
+
+
+def test_async_option_without_a_broker_names_a_directory_it_cannot_read(tmp_path, settings):
+    assert settings.CELERY_TASK_ALWAYS_EAGER
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(CommandError, match=f"1 of 1 quarantine directories not indexed: {missing}"):
+        run("--async", str(missing))

@@ -84,7 +84,7 @@ def test_prune_removes_an_old_file_left_without_its_row_so_the_indexer_does_not_
     path = quarantine_dir / message.storage_key
 
     # The process dies between the commit and the removal of the file.
-    monkeypatch.setattr(deletion, "_remove_files", lambda files: None)
+    monkeypatch.setattr(deletion, "_remove_files", lambda files, errors=None: None)
     deletion.delete_message(message, user=world.alice)
     monkeypatch.undo()
     assert not Message.objects.exists() and path.exists()
@@ -116,10 +116,10 @@ def test_clear_quarantine_during_an_index_run_leaves_no_rows_without_files(
 
     real_remove = deletion._remove_files
 
-    def remove_with_index_run_overlapping(files):
+    def remove_with_index_run_overlapping(files, errors=None):
         # The concurrent index run lists the store before the files are unlinked.
         index_directory(quarantine_dir)
-        real_remove(files)
+        real_remove(files, errors)
 
     monkeypatch.setattr(deletion, "_remove_files", remove_with_index_run_overlapping)
     removed = clear_quarantine(user=world.vadmin)
@@ -183,6 +183,21 @@ def test_periodic_jobs_are_acknowledged_late_so_a_worker_restart_does_not_lose_t
     app.loader.import_default_modules()
     task = app.tasks[name]
     assert task.acks_late, f"{name} is acknowledged before it runs (acks_late is off)"
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_periodic_jobs_that_fail_or_time_out_are_acknowledged_not_run_again_at_once(name):
+    """A job that fails (the directory is down, a store directory cannot be read) raises
+    and ends in state FAILURE. Acknowledged late, its message must still be acknowledged
+    then: one left unacknowledged or requeued would be run again at once and fail again,
+    in a loop. Celery does so unless task_acks_on_failure_or_timeout is False; the next
+    try is the next scheduled run."""
+    from spamviewer.celery import app
+
+    app.loader.import_default_modules()
+    task = app.tasks[name]
+    assert task.acks_on_failure, f"{name} is requeued when it fails"
+    assert task.acks_on_timeout, f"{name} is requeued when it reaches its time limit"
 
 
 @pytest.mark.parametrize("name", JOBS)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from quarantine.models import Message
-from quarantine.tasks import index_quarantine_task, prune_quarantine_task
+from quarantine.tasks import IndexFailed, index_quarantine_task, prune_quarantine_task
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -29,16 +29,20 @@ def test_index_task_runs_in_process_through_delay(tmp_path, settings):
     assert Message.objects.count() == 4
 
 
-def test_index_task_defaults_to_the_quarantine_dir_and_reports_a_missing_one(
+def test_index_task_defaults_to_the_quarantine_dir_and_fails_on_a_missing_one(
     tmp_path, quarantine_dir
 ):
     shutil.copytree(SAMPLES / "amavis-subdirs", quarantine_dir, dirs_exist_ok=True)
 
     summary = index_quarantine_task.delay().get()
-    missing = index_quarantine_task.delay([str(tmp_path / "gone")]).get()
+    with pytest.raises(IndexFailed) as missing:
+        index_quarantine_task.delay([str(tmp_path / "gone")]).get()
 
     assert summary.startswith(f"indexed {quarantine_dir.resolve()}: 3 new")
-    assert missing.startswith("not indexed: ") and str(tmp_path / "gone") in missing
+    assert str(missing.value) == (
+        f"1 of 1 quarantine directories not indexed: {tmp_path / 'gone'}: "
+        "cannot open directory (No such file or directory)"
+    )
     assert Message.objects.count() == 3
 
 

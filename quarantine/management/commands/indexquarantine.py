@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from quarantine.indexer import index_directory
 from quarantine.store import StoreError
-from quarantine.tasks import index_quarantine_task
+from quarantine.tasks import IndexFailed, index_quarantine_task
 
 
 class Command(BaseCommand):
@@ -30,7 +30,11 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         directories = options["directories"] or [str(settings.QUARANTINE_DIR)]
         if options["run_async"]:
-            index_quarantine_task.delay(directories)
+            try:
+                # Without a broker (CELERY_TASK_ALWAYS_EAGER) the task runs here and now.
+                index_quarantine_task.delay(directories)
+            except IndexFailed as exc:
+                raise CommandError(str(exc)) from exc
             self.stdout.write(f"queued indexing of {', '.join(directories)}")
             return
         failed = []
