@@ -281,19 +281,18 @@ def _analyse(
         # content that could not be looked into is banned whatever the profile.
         builtin=bool(profile.filename_reject or profile.mime_reject),
     )
-    headers = [
-        (name, mime.decode_header_value(value.decode("utf-8", "replace")))
-        for name, value in parsed.headers
-    ]
+    raw_headers = [(name, value.decode("utf-8", "replace")) for name, value in parsed.headers]
+    headers = [(name, mime.decode_header_value(value)) for name, value in raw_headers]
     texts = [
         mime.decode_charset(part.payload, _charset(part))
         for part in parsed.walk()
         if part.content_type.startswith("text/")
     ]
     findings += check_rules(
-        headers, texts, sender=envelope.sender, recipients=envelope.recipients, profile=profile
+        headers, texts, sender=envelope.sender, recipients=envelope.recipients, profile=profile,
+        address_headers=raw_headers,
     )
-    findings += check_headers(parsed)
+    findings += check_headers(parsed, utf8_headers=envelope.smtputf8)
     analysis = _Analysis(parsed=parsed, blobs=blobs, findings=findings)
     if (profile.mime_strip or profile.mime_allow) and not parsed.unscannable:
         analysis.stripped, analysis.nothing_left = strip_parts(
@@ -471,7 +470,9 @@ class CheckPolicy:
         banned = [f for f in findings if f.category == "BANNED"]
         spam = [f for f in findings if f.category == "SPAM"]
         badh = [f for f in findings if f.category == "BADH"]
-        score = sum(f.score for f in spam)
+        # Rounded as the profile writes scores: 0.7 + 0.1 reaches a reject_score of 0.8,
+        # though in binary floating point it falls short by 1e-16.
+        score = round(sum(f.score for f in spam), 6)
         is_spam = bool(spam) and score >= profile.reject_score
         for name in dict.fromkeys(f.name for f in badh):
             self.stats.inc("badh_defects", label=name)

@@ -15,10 +15,13 @@ comma must be the score, so `header_reject=Subject:a,b` is refused: it has to be
 exactly as written up to the end of the line (quotes are not special); spaces around the
 variable name are ignored.
 
-A file is refused as a whole, with its path, the line number and the reason, when a line is
-not `name=value`, the name is unknown, a score or value does not parse, a single-valued
-variable is set twice, or the file sets nothing at all. `load_profiles` refuses the whole
-directory when one file is refused, and `ProfileSet.reload` keeps the profiles it had.
+Files are UTF-8; a byte order mark at the start is ignored. A file is refused as a whole,
+with its path, the line number and the reason, when a line is not `name=value`, the name
+is unknown, a score or value does not parse, a single-valued variable is set twice, the
+file sets nothing at all, or it is not valid UTF-8 (the line of the first bad byte); with
+its path and the reason when it is larger than MAX_PROFILE_BYTES or cannot be read.
+`load_profiles` refuses the whole directory when one file is refused, and
+`ProfileSet.reload` keeps the profiles it had.
 
 The variables of MessageWall keep their documented meaning and default; the ones we add are
 marked as ours below (`Profile`). A relative `virus_scan` file is looked for in the profile
@@ -30,7 +33,9 @@ own clients (from `relay_ips`, or authenticated) gets `relay_profile`; other mai
 profile that the special-users file names for the recipient's address, else for its
 domain, else `default_profile`. The special-users file has one `KEY PROFILE NAME` line per
 entry, KEY being an address or a domain (`example.org` or `@example.org`), and the rest of
-the line a profile name (which may contain spaces, like `Medium Plus`).
+the line a profile name (which may contain spaces, like `Medium Plus`). Keys and recipients
+compare by `address_key`: case does not matter, nor a final dot, nor whether a domain is
+written in Unicode (`bücher.example`) or in IDNA A-labels (`xn--bcher-kva.example`).
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
+
+import idna
 
 T = TypeVar("T")
 
@@ -252,8 +260,10 @@ def _header_match(value: str, *, ignore_case: bool) -> HeaderMatch:
     if len(key) > 2 and key.startswith("/") and key.endswith("/"):
         try:
             pattern = re.compile(key[1:-1], re.IGNORECASE if ignore_case else 0)
-        except re.error as error:
-            raise _Reason(f"bad regular expression {key!r}: {error}") from None
+        except (re.error, OverflowError, RecursionError) as error:
+            # A repeat count over 2**32 raises OverflowError, deep nesting RecursionError.
+            reason = str(error) or type(error).__name__
+            raise _Reason(f"bad regular expression {key!r}: {reason}") from None
     return HeaderMatch(header=header, key=key, pattern=pattern)
 
 
@@ -284,8 +294,12 @@ def _signature_file(value: str, directory: Path) -> Path:
     path = Path(name)
     candidates = [path] if path.is_absolute() else [directory / path, BUILTIN_SIGNATURES / path]
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
+        try:
+            if candidate.is_file():
+                return candidate.resolve()
+        except OSError as error:
+            # A name too long, or a directory the worker's user may not search.
+            raise _Reason(f"signature file {name!r}: {error.strerror or error}") from None
     raise _Reason(f"signature file {name!r} not found")
 
 
@@ -377,19 +391,37 @@ def parse_profile(text: str, *, name: str, path: Path | None = None) -> Profile:
     return Profile(name=name, path=path, **values)  # type: ignore[arg-type]
 
 
-def read_profile(path: str | os.PathLike[str]) -> Profile:
-    """Read one profile file; its name is the file's name."""
-    path = Path(path)
+# Far above any profile written by hand; a larger file is something else put there.
+MAX_PROFILE_BYTES = 1024 * 1024
+
+
+def _read_text(path: Path, *, limit: int | None = None) -> str:
+    """A regular file's text as UTF-8, without a leading byte order mark (which Windows
+    editors write); ProfileError naming the line of the first byte that is not UTF-8.
+
+    Anything but a regular file is refused before it is read: a FIFO, opened without
+    O_NONBLOCK, would wait for a writer, and a reload runs on the worker's event loop."""
     try:
-        data = path.read_bytes()
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ProfileError(path, 0, "not a regular file")
+            data = stream.read() if limit is None else stream.read(limit + 1)
     except OSError as error:
         raise ProfileError(path, 0, f"cannot read: {error.strerror or error}") from None
+    if limit is not None and len(data) > limit:
+        raise ProfileError(path, 0, f"larger than {limit} bytes: not a profile")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ProfileError(path, line, "not valid UTF-8") from None
-    return parse_profile(text, name=path.name, path=path)
+    return text.removeprefix("\ufeff")
+
+
+def read_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read one profile file; its name is the file's name."""
+    path = Path(path)
+    return parse_profile(_read_text(path, limit=MAX_PROFILE_BYTES), name=path.name, path=path)
 
 
 def load_profiles(directory: str | os.PathLike[str]) -> dict[str, Profile]:
@@ -409,10 +441,37 @@ def load_profiles(directory: str | os.PathLike[str]) -> dict[str, Profile]:
     return profiles
 
 
+def domain_key(domain: str) -> str | None:
+    """A domain as the profile choice compares it: lower case, IDNA 2008 A-labels, no
+    final dot; None when it is not a name IDNA allows.
+
+    `bücher.example` and `xn--bcher-kva.example` are one domain: an SMTPUTF8 client names
+    it one way, the special-users file may name it the other.
+    """
+    domain = domain.rstrip(".")
+    if domain.isascii():
+        return domain.lower()
+    try:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except UnicodeError:  # idna.IDNAError is one
+        return None
+
+
+def address_key(address: str) -> str:
+    """An address as the profile choice compares it: lower case, its domain as
+    `domain_key` gives it (or lower-cased, when IDNA refuses it)."""
+    address = address.strip().strip("<>")
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()
+    return f"{local.lower()}@{domain_key(domain) or domain.lower()}"
+
+
 def parse_special_users(
     text: str, *, profiles: Mapping[str, Profile], path: Path | None = None
 ) -> dict[str, str]:
-    """`KEY PROFILE NAME` lines to {lower-cased address or "@domain": profile name}."""
+    """`KEY PROFILE NAME` lines to {address or "@domain", as `address_key` and
+    `domain_key` write them: profile name}."""
     where = path or Path("special_users")
     entries: dict[str, str] = {}
     for number, raw_line in enumerate(text.split("\n"), start=1):
@@ -422,15 +481,17 @@ def parse_special_users(
         parts = line.split(None, 1)
         if len(parts) != 2:
             raise ProfileError(where, number, f"expected 'address-or-domain profile', got {line!r}")
-        key, profile = parts[0].lower(), parts[1].strip()
+        key, profile = parts[0], parts[1].strip()
         if "@" in key[1:]:
             local, _, domain = key.rpartition("@")
-            if not local or not domain:
+            key = address_key(key)
+            if not local or not domain.rstrip("."):
                 raise ProfileError(where, number, f"bad address {parts[0]!r}")
         else:
-            key = "@" + key.lstrip("@")
-            if not _ZONE.fullmatch(key[1:]):
+            domain = domain_key(key.lstrip("@"))
+            if domain is None or not _ZONE.fullmatch(domain):
                 raise ProfileError(where, number, f"bad domain {parts[0]!r}")
+            key = "@" + domain
         if profile not in profiles:
             raise ProfileError(where, number, f"unknown profile {profile!r}")
         if key in entries:
@@ -494,10 +555,7 @@ class ProfileSet:
                     raise ProfileError(self.directory, 0, f"{option} {wanted!r} is not a profile")
             special: dict[str, str] = {}
             if self.special_users is not None:
-                try:
-                    text = self.special_users.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as error:
-                    raise ProfileError(self.special_users, 0, f"cannot read: {error}") from None
+                text = _read_text(self.special_users)
                 special = parse_special_users(text, profiles=profiles, path=self.special_users)
             self._snapshot = _Snapshot(profiles=profiles, special=special)
 
@@ -515,7 +573,7 @@ class ProfileSet:
         snapshot = self._current()
         if self.relay_profile is not None and (authenticated or self._relayed(client_ip)):
             return snapshot.profiles[self.relay_profile]
-        address = recipient.strip().strip("<>").lower()
+        address = address_key(recipient)
         name = snapshot.special.get(address)
         if name is None and "@" in address:
             name = snapshot.special.get("@" + address.rpartition("@")[2])

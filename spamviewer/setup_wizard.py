@@ -460,7 +460,7 @@ def read_profile_values(path: Path) -> dict[str, str]:
     """The wizard's variables as written in a profile file (raw text, first line wins)."""
     values: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError):
         return values
     for line in text.split("\n"):
@@ -631,8 +631,10 @@ def write_atomically(path: Path, text: str, *, mode: int) -> None:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text; a byte order mark at its start (Windows editors write one) is
+    dropped, as the worker drops it, and not written back."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return ""
 

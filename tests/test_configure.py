@@ -353,3 +353,18 @@ def _password_file(place: Path, password: str) -> Path:
     path = place / "password"
     path.write_text(password + "\n")
     return path
+
+
+def test_a_profile_saved_with_a_byte_order_mark_is_read_and_updated(place):
+    """Windows editors start a file with a byte order mark; the worker reads such a
+    profile, so configure must too, and offers its values as the previous answers."""
+    profiles = place / "profiles"
+    profiles.mkdir()
+    (profiles / "Relay").write_text("reject_score=100\n")
+    (profiles / "Medium").write_bytes(b"\xef\xbb\xbfreject_score=3\nspam_destiny=bounce\n")
+
+    configure(place, *unattended(without=("--spam-destiny",)), "--profile-dir", str(profiles))
+
+    text = (profiles / "Medium").read_text(encoding="utf-8")
+    assert text.startswith("reject_score=5\nspam_destiny=bounce\n"), text
+    assert read_profile(profiles / "Medium").spam_destiny == "bounce"

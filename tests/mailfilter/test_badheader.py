@@ -85,3 +85,55 @@ def test_mime_defects_are_bad_header_findings_with_their_own_names():
 def test_a_parse_failure_is_a_finding_not_an_exception():
     names = finding_names(GOOD + b"Content-Type: message/rfc822\r\n\r\n" * 80 + b"\r\nx")
     assert "too-deep" in names
+
+
+UTF8_HEADERS = (
+    "From: Jürgen Müller <jürgen@bücher.example>\r\n"
+    "To: alice@example.test\r\n"
+    "Subject: Grüße aus München\r\n"
+).encode() + DATE
+
+
+def test_utf8_headers_of_an_smtputf8_message_are_no_defect():
+    """RFC 6532: with SMTPUTF8 a header field may carry UTF-8 as it is."""
+    raw = UTF8_HEADERS + "\r\nGrüße\r\n".encode()
+    assert check_headers(parse_message(raw), utf8_headers=True) == []
+    assert finding_names(raw) == ["8bit-in-header"]
+
+
+def test_latin1_headers_stay_a_defect_under_smtputf8():
+    raw = UTF8_HEADERS + b"X-Note: caf\xe9\r\n\r\nbody\r\n"
+    findings = check_headers(parse_message(raw), utf8_headers=True)
+    assert [finding.name for finding in findings] == ["8bit-in-header"]
+
+
+def test_a_latin1_body_does_not_make_utf8_headers_a_defect_under_smtputf8():
+    raw = UTF8_HEADERS + b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n"
+    assert check_headers(parse_message(raw), utf8_headers=True) == []
+
+
+def test_utf8_headers_of_smtputf8_mail_pass_the_worker_as_no_bad_header(start_filter, next_hop):
+    """RFC 6532: with SMTPUTF8, UTF-8 in header fields is the message's right; the same
+    octets without SMTPUTF8 stay a bad header."""
+    import smtplib
+
+    from mailfilter.interfaces import StaticRecipientLookup
+    from mailfilter.policy import CheckPolicy
+    from mailfilter.profiles import parse_profile
+
+    worker = start_filter(
+        policy=CheckPolicy(),
+        lookup=StaticRecipientLookup(default=parse_profile("badh_destiny=reject\n", name="t")),
+    )
+    raw = ("From: Jürgen <jürgen@remote.example>\r\nTo: alice@example.test\r\n"
+           "Date: Fri, 20 Nov 2026 10:00:00 +0000\r\nSubject: Grüße\r\n"
+           "Message-ID: <utf8@remote.example>\r\n\r\nHallo.\r\n").encode()
+    answers = []
+    for options in (["SMTPUTF8", "BODY=8BITMIME"], ["BODY=8BITMIME"]):
+        with smtplib.SMTP("127.0.0.1", worker.port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("sender@remote.example", options=options)
+            assert client.rcpt("alice@example.test")[0] == 250
+            answers.append(client.data(raw))
+    assert answers[0][0] == 250, answers[0]
+    assert answers[1][0] == 554 and b"8bit-in-header" in answers[1][1], answers[1]
