@@ -3,7 +3,10 @@
 Supported: zip, gzip, bzip2, xz and tar, nested in any order (so .tgz and .tbz too).
 Every layer is decompressed as a stream with hard caps checked while bytes come out:
 nesting depth, member count, total uncompressed bytes, compression ratio per member and a
-time budget. Sizes written in archive headers are never used to size a read: a zip member
+time budget. The member count and the total are the message's, not each archive's (as
+amavisd-new's $MAXFILES and $MAX_EXPANSION_QUOTA): the caller passes on what the message's
+archives listed before held and expanded to, so that many attachments cannot each take
+them in full. Sizes written in archive headers are never used to size a read: a zip member
 is inflated from its real compressed bytes and compared with what its header promised
 afterwards, a tar member is read with a byte cap (sparse members can claim terabytes).
 
@@ -96,6 +99,10 @@ class Problem:
 class ArchiveListing:
     members: list[Member] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # Uncompressed octets produced while listing (every layer), counted against
+    # `max_total_bytes`, and members counted against `max_members`.
+    expanded: int = 0
+    counted: int = 0
 
 
 class _Stop(Exception):
@@ -109,18 +116,26 @@ def list_archive(
     kind: str | None = None,
     limits: ArchiveLimits = DEFAULT_LIMITS,
     deadline: float | None = None,
+    expanded: int = 0,
+    counted: int = 0,
 ) -> ArchiveListing:
     """Every member of the archive `data` (named `name`), nested archives included.
 
     `kind` is a type from `mailfilter.sniff`; it is sniffed when not given. `deadline` is
     a `time.monotonic()` value, for a budget shared with the rest of the message.
+    `expanded` and `counted`: what other archives of the message expanded to and held
+    already; `max_total_bytes` and `max_members` bound them and this archive's together.
     """
     own_deadline = time.monotonic() + limits.budget_seconds
     lister = _Lister(limits, own_deadline if deadline is None else min(deadline, own_deadline))
+    lister.total = expanded
+    lister.count = counted
     try:
         lister.list(data, kind or sniffing.sniff(data), (name,), 1)
     except _Stop:
         pass
+    lister.listing.expanded = lister.total - expanded
+    lister.listing.counted = lister.count - counted
     return lister.listing
 
 

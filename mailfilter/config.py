@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 KNOWN_VARIABLES = frozenset("FILTER_" + name for name in (
     "BANNER", "BARE_LF", "CHECK_TIMEOUT", "COMMAND_TIMEOUT", "DATA_TIMEOUT",
     "DEFAULT_PROFILE", "DNS_SERVERS", "DNS_TIMEOUT", "HOSTNAME", "LISTEN", "LMTP",
-    "MAX_BACKENDS", "MAX_CLIENTS", "MAX_COMMANDS", "MAX_HEADER_COUNT", "MAX_LINE_LENGTH",
+    "MAX_BACKENDS", "MAX_CLIENTS", "MAX_COMMANDS", "MAX_DATA_BYTES", "MAX_HEADER_COUNT",
+    "MAX_LINE_LENGTH",
     "MAX_MESSAGE_SIZE", "MAX_PER_IP", "MAX_RECIPIENTS", "METRICS_LISTEN", "MIN_DATA_RATE",
     "MODE", "NEXT_HOP", "NEXT_HOP_LMTP", "PID_FILE", "PROCESSES", "RELAY_COMMAND_TIMEOUT",
     "RELAY_CONNECT_TIMEOUT", "RELAY_DATA_TIMEOUT", "RELAY_DOMAINS", "RELAY_IDLE_TIMEOUT",
@@ -60,6 +61,9 @@ class FilterConfig:
     lmtp: bool = False
     hostname: str = "localhost"
     max_message_size: int = 50 * 1024 * 1024
+    # Octets of message text the sessions of one process hold at once (0: four messages
+    # of max_message_size); a message that does not fit is answered 452.
+    max_data_bytes: int = 0
     # Longest line of message text, without its CRLF (RFC 5322: 998).
     max_line_length: int = 998
     max_header_count: int = 1000
@@ -101,6 +105,7 @@ class FilterConfig:
     # front mode: clients that may relay to any address (their mail gets the relay profile).
     relay_ips: tuple[str, ...] = ()
     # Worker processes sharing the listening port (SO_REUSEPORT); limits are per process.
+    # With more than one, their parent serves the metrics endpoint with the sums over all.
     processes: int = 1
     # Content checks. Profiles: MessageWall files in profile_dir (empty: one built-in
     # profile like the example Medium for every recipient); the default and relay profiles
@@ -144,6 +149,11 @@ class FilterConfig:
         object.__setattr__(
             self, "relay_domains", tuple(d.lower().strip(".") for d in self.relay_domains)
         )
+        if 0 < self.max_data_bytes < self.max_message_size:
+            raise ConfigError(
+                f"FILTER_MAX_DATA_BYTES={self.max_data_bytes} is below FILTER_MAX_MESSAGE_SIZE="
+                f"{self.max_message_size}: a message of the largest size would never fit"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("FILTER_TLS_CERT and FILTER_TLS_KEY: set both or neither")
         if any(ch in self.banner for ch in "\r\n\0"):
@@ -151,12 +161,6 @@ class FilterConfig:
         if not _HOSTNAME.fullmatch(self.hostname):
             # It goes into the greeting, every Received field and the EHLO to the next hop.
             raise ConfigError(f"FILTER_HOSTNAME={self.hostname!r}: expected a host name")
-        if self.metrics_host and self.processes > 1:
-            raise ConfigError(
-                "FILTER_METRICS_LISTEN serves the counters of one process: with "
-                f"FILTER_PROCESSES={self.processes} each would want the port; use one process "
-                "or leave FILTER_METRICS_LISTEN empty"
-            )
         if self.virus_scan_fail not in VIRUS_SCAN_FAIL_POLICIES:
             raise ConfigError(
                 f"VIRUS_SCAN_FAIL={self.virus_scan_fail!r}: expected one of "
@@ -219,6 +223,7 @@ class FilterConfig:
             lmtp=env.bool("FILTER_LMTP", False),
             hostname=env.get("FILTER_HOSTNAME", "") or _default_hostname(),
             max_message_size=env.int("FILTER_MAX_MESSAGE_SIZE", 50 * 1024 * 1024, minimum=1024),
+            max_data_bytes=env.int("FILTER_MAX_DATA_BYTES", 0, minimum=0),
             max_line_length=env.int("FILTER_MAX_LINE_LENGTH", 998, minimum=78),
             max_header_count=env.int("FILTER_MAX_HEADER_COUNT", 1000, minimum=1),
             max_recipients=env.int("FILTER_MAX_RECIPIENTS", 1000, minimum=1),

@@ -33,6 +33,8 @@ TOO_BIG = "size"
 TOO_LONG = "line"
 TOO_MANY_HEADERS = "headers"
 BARE_LINE_END = "bare"
+# The worker cannot hold the message now (its DATA budget is spent): a 4xx, not a refusal.
+NO_ROOM = "memory"
 
 # The most octets of an unfinished line held back before a slice of it is passed on.
 SLICE = 64 * 1024
@@ -257,6 +259,17 @@ class DataAccumulator:
         self.state = state
         # Nothing of a refused message is kept.
         self._out = bytearray()
+
+    def give_up(self, state: str) -> None:
+        """Keep nothing more of the message (read to its end, counted) and refuse it for
+        `state`: the caller's reason, such as NO_ROOM."""
+        if self.state == NOMINAL:
+            self._fail(state)
+
+    @property
+    def held(self) -> int:
+        """Octets of the message held in memory now (the unfinished line included)."""
+        return len(self._out) + len(self._pending)
 
     @property
     def verbatim(self) -> bool:

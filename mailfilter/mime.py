@@ -238,12 +238,16 @@ class ParsedMessage:
                 data, name = item.data, item.name or item.encoding
             else:
                 data, name = item.payload, item.filenames[0] if item.filenames else item.label
+            # One expansion and member limit for the whole message: the listings kept
+            # for it are what the worker holds in memory for its archives.
             self._listings[key] = archives.list_archive(
                 data,
                 name=name,
                 kind=item.sniffed,
                 limits=self.limits.archive_limits,
                 deadline=self.deadline + self.limits.archive_limits.budget_seconds,
+                expanded=sum(listing.expanded for listing in self._listings.values()),
+                counted=sum(listing.counted for listing in self._listings.values()),
             )
         return self._listings[key]
 

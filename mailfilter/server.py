@@ -32,7 +32,15 @@ from mailfilter.policy import Envelope as PolicyEnvelope
 from mailfilter.policy import Policy, ProfilePolicy, TemporaryFailure, Verdict
 from mailfilter.relay import XFORWARD_ATTRIBUTES, Relay, Reply, Transaction
 from mailfilter.smtp import REFUSALS as REFUSALS
-from mailfilter.smtp import TEMPFAIL, ConnectionGate, Envelope, Session, SMTPServerProtocol, peer_ip
+from mailfilter.smtp import (
+    TEMPFAIL,
+    ConnectionGate,
+    Envelope,
+    Session,
+    SMTPServerProtocol,
+    data_budget,
+    peer_ip,
+)
 from mailfilter.stats import Stats, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -320,8 +328,8 @@ class FilterHandler:
             return Reply(554, f"5.{detail} Rejected: {reason}")
         try:
             # The store is this message's next hop: it gets as long as the next hop would
-            # (a stalled disk or database gives 451, not a session held for ever; a copy
-            # finished after that only makes the retried one a duplicate).
+            # (a stalled disk or database gives 451, not a session held for ever; the sink
+            # then gives the write up, so that the retried copy is the only one).
             mail_id = await asyncio.wait_for(
                 self.sink.write(
                     category=verdict.category or "BADH",
@@ -507,7 +515,11 @@ class FilterServer:
         self.policy = policy
         self.lookup = lookup
         self.stats = stats or Stats()
-        self.gate = ConnectionGate(max_clients=config.max_clients, max_per_ip=config.max_per_ip)
+        self.gate = ConnectionGate(
+            max_clients=config.max_clients,
+            max_per_ip=config.max_per_ip,
+            max_data_bytes=data_budget(config),
+        )
         self._server: asyncio.Server | None = None
         self._metrics: asyncio.Server | None = None
         self._sessions: set[SMTPServerProtocol] = set()

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from mailfilter.config import FilterConfig
 from mailfilter.data import (
     BARE_LINE_END,
+    NO_ROOM,
     NOMINAL,
     TOO_BIG,
     TOO_LONG,
@@ -49,7 +50,11 @@ REFUSALS = {
     TOO_LONG: "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
     TOO_MANY_HEADERS: "552 5.6.0 Too many header fields",
     BARE_LINE_END: "550 5.6.0 Message contains bare CR or LF (see RFC 5321 2.3.8)",
+    NO_ROOM: "452 4.3.1 Insufficient system storage, try again later",
 }
+NO_ROOM_AT_MAIL = "452 4.3.1 Insufficient system storage, try again later"
+# The DATA budget of a worker process, in messages of the largest size allowed.
+DATA_BUDGET_MESSAGES = 4
 TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
 
 # A command line longer than this (its LF included, less one) is refused whatever the
@@ -162,14 +167,48 @@ class Handler(Protocol):
     def handle_exception(self, error: Exception) -> str: ...
 
 
-class ConnectionGate:
-    """Connections at the same time, in total and per client address."""
+def data_budget(config: FilterConfig) -> int:
+    """The octets of message text the sessions of one worker process may hold at once:
+    FILTER_MAX_DATA_BYTES, by default DATA_BUDGET_MESSAGES messages of
+    FILTER_MAX_MESSAGE_SIZE."""
+    return config.max_data_bytes or DATA_BUDGET_MESSAGES * config.max_message_size
 
-    def __init__(self, *, max_clients: int, max_per_ip: int) -> None:
+
+class ConnectionGate:
+    """Connections at the same time, in total and per client address; and the octets of
+    message text all of them hold (`max_data_bytes`, 0: no limit).
+
+    A message is held from its first octet of DATA until its end-of-data reply is out
+    (read, checked, relayed or quarantined), and costs a few times its size meanwhile
+    (its decoded parts, archive members, the copy on its way to the next hop). Without
+    this budget, FILTER_MAX_CLIENTS sessions of FILTER_MAX_MESSAGE_SIZE messages would
+    be gigabytes; with it, a message that does not fit is answered 452 (its sender tries
+    again later) and its octets are read and dropped.
+    """
+
+    def __init__(self, *, max_clients: int, max_per_ip: int, max_data_bytes: int = 0) -> None:
         self.max_clients = max_clients
         self.max_per_ip = max_per_ip
+        self.max_data_bytes = max_data_bytes
         self.total = 0
         self.by_ip: collections.Counter[str] = collections.Counter()
+        self.data_bytes = 0
+
+    def room(self) -> int | None:
+        """Octets of message text that may still be held; None: no limit."""
+        if not self.max_data_bytes:
+            return None
+        return max(0, self.max_data_bytes - self.data_bytes)
+
+    def take(self, octets: int) -> bool:
+        """Hold `octets` more of message text, if they fit."""
+        if self.max_data_bytes and self.data_bytes + octets > self.max_data_bytes:
+            return False
+        self.data_bytes += octets
+        return True
+
+    def give_back(self, octets: int) -> None:
+        self.data_bytes -= octets
 
     def admit(self, ip: str) -> str | None:
         """None when admitted, else the reason for refusing."""
@@ -234,6 +273,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._out: list[str] = []
         self._data: DataAccumulator | None = None
         self._data_started = 0.0
+        # Octets of message text taken from the gate's DATA budget for this session.
+        self._held = 0
         self._mail_limit = _COMMAND_LIMIT
         self._commands = 0
         self._bogus = _BOGUS_LIMIT
@@ -310,7 +351,9 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._data = None
+        if self._data is not None:
+            self._data = None
+            self._give_back()
         # A next-hop transaction still open is ended (the client never heard its end).
         self._drop_transaction()
         if self.task is not None:
@@ -721,6 +764,12 @@ class SMTPServerProtocol(asyncio.Protocol):
                     "552 Error: message size exceeds fixed maximum message size"
                 )
                 return
+            room = self._gate.room()
+            if room is not None and int(size) > room:
+                # RFC 1870 6.2: not now, maybe later.
+                self._stats.inc("protocol_errors", label="no_room")
+                self._out.append(NO_ROOM_AT_MAIL)
+                return
         if params:
             self._out.append("555 MAIL FROM parameters not recognized or not implemented")
             return
@@ -859,6 +908,17 @@ class SMTPServerProtocol(asyncio.Protocol):
         assert accumulator is not None
         now = self._last = self._loop.time()
         end = accumulator.feed(chunk)
+        if accumulator.state == NOMINAL:
+            more = accumulator.held - self._held
+            if more > 0:
+                if self._gate.take(more):
+                    self._held += more
+                else:
+                    # Read on to the end of data, keeping nothing, then answer 452.
+                    accumulator.give_up(NO_ROOM)
+                    self._give_back()
+        elif self._held:
+            self._give_back()
         config = self.config
         if end < 0:
             if config.min_data_rate and now - self._data_started > (
@@ -884,8 +944,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         if accumulator.eight_bit and not self.envelope.eight_bit_declared:
             stats.inc("protocol_errors", label="8bit_undeclared")
         if accumulator.state != NOMINAL:
-            stats.inc("messages_rejected", label=accumulator.state)
-            stats.inc("bytes_rejected", accumulator.size)
+            if accumulator.state == NO_ROOM:
+                stats.inc("messages_tempfailed", label=NO_ROOM)
+            else:
+                stats.inc("messages_rejected", label=accumulator.state)
+                stats.inc("bytes_rejected", accumulator.size)
             replies = self._per_recipient(REFUSALS[accumulator.state])
             self._new_envelope()
             self._out.extend(replies)
@@ -901,9 +964,18 @@ class SMTPServerProtocol(asyncio.Protocol):
             )
         except Exception as error:
             reply = "\r\n".join(self._per_recipient(self.handler.handle_exception(error)))
+        finally:
+            del content
+            self._give_back()
         self._commands = 0
         self._new_envelope()
         self._resume(reply)
+
+    def _give_back(self) -> None:
+        """The message text this session held is no longer held."""
+        if self._held:
+            self._gate.give_back(self._held)
+            self._held = 0
 
     def _per_recipient(self, reply: str) -> list[str]:
         """The replies to the end of data that `reply` stands for: one per accepted

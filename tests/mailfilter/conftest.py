@@ -24,6 +24,7 @@ from mailfilter.config import FilterConfig
 from mailfilter.interfaces import Profile, StaticRecipientLookup
 from mailfilter.policy import CLEAN
 from mailfilter.server import FilterServer, ServerThread
+from tests.mailfilter.processes import Runfilter, start_runfilter, stop_process
 
 
 @dataclass
@@ -325,3 +326,25 @@ def certificate(tmp_path_factory):
         check=True, capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture
+def runfilter(tmp_path, next_hop):
+    started: list[subprocess.Popen] = []
+
+    def start(**env: str) -> Runfilter:
+        full = {
+            "FILTER_NEXT_HOP": f"127.0.0.1:{next_hop.port}",
+            "QUARANTINE_DIR": str(tmp_path / "q"),
+            "FILTER_PID_FILE": str(tmp_path / "filter.pid"),
+            **env,
+        }
+        process = start_runfilter(full)
+        started.append(process)
+        return Runfilter(process, full)
+
+    yield start
+    for process in started:
+        stop_process(process)
+        process.stdout.close()
+        process.stderr.close()

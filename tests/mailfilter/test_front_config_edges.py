@@ -19,7 +19,7 @@ from mailfilter.profiles import ProfileError, read_profile
 from mailfilter.server import FilterServer, ServerThread, listening_sockets
 from tests.mailfilter.processes import start_runfilter, stop_process
 
-from .conftest import MemorySink, RecordingPolicy, free_port
+from .conftest import MemorySink, RecordingPolicy
 
 MESSAGE = b"From: a@remote.example\r\nSubject: edges\r\n\r\nbody\r\n"
 
@@ -146,23 +146,6 @@ def test_relay_ips_behind_postfix_match_an_ipv6_client_named_in_xforward(start_f
 
 
 # -- the metrics endpoint ------------------------------------------------------------------
-
-
-def test_metrics_listen_with_several_processes_is_refused_at_start(tmp_path):
-    """FILTER_METRICS_LISTEN serves one process's counters: with FILTER_PROCESSES above
-    one every worker process would want its port. The start is refused with an error
-    naming both settings, rather than worker processes dying while the command announces
-    "filter listening" with fewer workers than asked."""
-    process = start_runfilter({
-        "FILTER_PROCESSES": "3",
-        "FILTER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "QUARANTINE_DIR": str(tmp_path / "q"),
-        "FILTER_PID_FILE": str(tmp_path / "filter.pid"),
-    })
-    out, err = _outputs_once_exited(process)
-    assert process.returncode != 0
-    assert "FILTER_METRICS_LISTEN" in err and "FILTER_PROCESSES" in err, err[-1500:]
-    assert "filter listening" not in out
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])

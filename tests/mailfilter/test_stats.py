@@ -8,6 +8,8 @@ import urllib.request
 import pytest
 from django.core.management import CommandError, call_command
 
+from mailfilter.stats import Stats
+
 from .conftest import free_port
 
 
@@ -59,3 +61,22 @@ def test_filterstats_names_the_endpoint_it_cannot_reach():
     port = free_port()
     with pytest.raises(CommandError, match=f"127.0.0.1:{port}"):
         call_command("filterstats", address=f"127.0.0.1:{port}")
+
+
+def test_snapshots_of_several_processes_add_up_per_label():
+    """The parent of several worker processes renders the sums of their snapshots: per
+    counter and per label, with counters nobody counted at 0."""
+    first, second = Stats(), Stats()
+    first.inc("connections", 3)
+    first.inc("messages_quarantined", label="SPAM")
+    second.inc("connections", 4)
+    second.inc("messages_quarantined", label="SPAM")
+    second.inc("messages_quarantined", label="VIRUS")
+    total = Stats()
+    total.add(first.snapshot())
+    total.add(second.snapshot())
+    text = total.render()
+    assert "spamviewer_filter_connections_total 7" in text
+    assert 'spamviewer_filter_messages_quarantined_total{category="SPAM"} 2' in text
+    assert 'spamviewer_filter_messages_quarantined_total{category="VIRUS"} 1' in text
+    assert "spamviewer_filter_tls_attempts_total 0" in text

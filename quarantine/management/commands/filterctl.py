@@ -2,8 +2,10 @@
 
 `reload` sends SIGHUP to the `runfilter` whose pid is in FILTER_PID_FILE (`var/filter.pid`
 by default); it passes the signal on to its worker processes, and each reloads the
-profiles and signature files without closing a connection. A profile that does not load
-leaves the ones in use and is logged by the worker with its file, line and reason.
+profiles and signature files without closing a connection (a worker process started
+later, in place of one that died, starts with what the others reloaded). A profile that
+does not load leaves the ones in use and is logged by the worker with its file, line and
+reason.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Print the filter worker's counters, read from its metrics endpoint."""
+"""Print the filter worker's counters, read from its metrics endpoint (with several
+worker processes, the sums over all of them, which their parent serves)."""
 
 from __future__ import annotations
 
