@@ -439,6 +439,14 @@ def postfix_snippet(
     `hash:/path/relay_recipients`, as `relay_recipient_maps`; not in front mode, where the
     worker checks recipients itself).
     """
+    if config.mode != "front" and config.listen_host in ("", "0.0.0.0", "::", "*"):
+        # Postfix would be told to connect to 0.0.0.0, and the reinjection smtpd to trust
+        # 0.0.0.0/32 as the only peer: the filter's passed mail would be refused there.
+        raise ConfigError(
+            f"FILTER_LISTEN={config.listen_host or '*'}:{config.listen_port}: Postfix needs "
+            "the address it reaches the filter on, not a wildcard; set FILTER_LISTEN to "
+            f"that address (127.0.0.1:{config.listen_port} when both run on one host)"
+        )
     worker = f"{_postfix_host(config.listen_host)}:{config.listen_port}"
     loopback = config.next_hop_host in ("127.0.0.1", "localhost", "::1")
     peers = "127.0.0.0/8" if loopback else _postfix_network(config.listen_host)

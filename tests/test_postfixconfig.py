@@ -152,6 +152,26 @@ def test_a_bad_filter_setting_is_named(environment):
         postfixconfig()
 
 
+@pytest.mark.parametrize("listen", ["0.0.0.0:10024", "[::]:10024"])
+@pytest.mark.parametrize("mode", ["content_filter", "proxy_filter"])
+def test_a_wildcard_listen_address_is_refused_naming_what_postfix_needs(
+    environment, listen, mode
+):
+    """Postfix cannot connect to 0.0.0.0, and its reinjection smtpd would trust only
+    0.0.0.0/32: every passed message would be refused there and bounce."""
+    from django.core.management.base import CommandError
+
+    environment.setenv("FILTER_LISTEN", listen)
+    environment.setenv("FILTER_NEXT_HOP", "10.0.0.5:10025")
+    with pytest.raises(CommandError, match="not a wildcard; set FILTER_LISTEN to that address"):
+        postfixconfig("--mode", mode)
+
+
+def test_front_mode_may_listen_on_every_address(environment):
+    environment.setenv("FILTER_LISTEN", "0.0.0.0:25")
+    assert "front mode" in postfixconfig("--mode", "front")
+
+
 @pytest.fixture
 def postfix_dir():
     """A Postfix configuration directory of its own (world-traversable: Postfix's own

@@ -507,7 +507,11 @@ class Command(BaseCommand):
         except ConfigError as exc:
             raise CommandError(str(exc)) from exc
         if options["postfix_config"]:
-            self.stdout.write(postfix_snippet(config).text(), ending="")
+            try:
+                snippet = postfix_snippet(config)
+            except ConfigError as exc:
+                raise CommandError(str(exc)) from exc
+            self.stdout.write(snippet.text(), ending="")
             return
         user = os.environ.get("FILTER_USER", "")
         entry = filter_user(user) if user else None

@@ -59,14 +59,17 @@ class Command(BaseCommand):
                 config = config.with_changes(mode=options["mode"])
         except ConfigError as exc:
             raise CommandError(str(exc)) from exc
-        snippet = postfix_snippet(
-            config,
-            inbound=options["inbound"],
-            transport=options["transport"],
-            relay_domains=tuple(env_list("RELAY_DOMAINS", [])),
-            relay_next_hop=env_str("RELAY_NEXT_HOP"),
-            relay_map=relay_map_table(),
-        )
+        try:
+            snippet = postfix_snippet(
+                config,
+                inbound=options["inbound"],
+                transport=options["transport"],
+                relay_domains=tuple(env_list("RELAY_DOMAINS", [])),
+                relay_next_hop=env_str("RELAY_NEXT_HOP"),
+                relay_map=relay_map_table(),
+            )
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from exc
         header = [f"# Postfix settings for spamviewer, {config.mode} mode."]
         if config.mode == "front":
             header.append(
