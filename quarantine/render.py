@@ -1,8 +1,9 @@
 """The safe plain-text view of a quarantined message.
 
 Nothing of the mail's own markup reaches a browser: text parts are decoded to `str`, an
-HTML-only message is converted to readable text, and the page prints the result with
-autoescaping inside `<pre>`. Attachments are listed (names, type, size), never opened.
+HTML part that has no plain-text alternative is converted to readable text, and the page
+prints the result with autoescaping inside `<pre>`. Attachments are listed (names, type,
+size), never opened.
 
 All work is bounded: the parts walked, the bytes decoded and the characters produced are
 capped, and the HTML converter is a single forward pass. The standard library's
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from email import policy
 from email.message import Message as EmailMessage
 from email.utils import collapse_rfc2231_value
+
+import webencodings
 
 from quarantine.headers import (
     display_value,
@@ -76,24 +79,40 @@ def render_message(raw: bytes, *, max_chars: int = MAX_BODY_CHARS) -> RenderedMe
     except Exception:  # noqa: BLE001 - a hostile message must still give a page
         return RenderedMessage(problem="The message cannot be parsed.")
     out = RenderedMessage(headers=_shown_headers(msg))
-    plain: list[str] = []
-    htmls: list[str] = []
+    pieces: list[_Piece] = []
     try:
-        _walk(msg, out, plain, htmls, depth=0, counter=[0])
+        _walk(msg, out, pieces, depth=0, counter=[0])
     except RecursionError:
         out.problem = "The message is nested too deeply to be shown completely."
-    if plain:
-        text = "\n\n".join(plain)
-    elif htmls:
-        text = html_to_text("\n".join(htmls), max_chars=max_chars + 1)
-        out.from_html = True
-    else:
-        text = ""
+    texts: list[str] = []
+    budget = max_chars + 1
+    for piece in pieces:
+        if budget <= 0:
+            break
+        text = piece.text
+        if piece.html:
+            text = html_to_text(text, max_chars=budget)
+            out.from_html = True
+        texts.append(text)
+        budget -= len(text) + 2
+    text = "\n\n".join(texts)
     if len(text) > max_chars:
         text = text[:max_chars]
         out.truncated = True
     out.body = _visible_body(text)
     return out
+
+
+@dataclass
+class _Piece:
+    """One body part's decoded text, in the order of the message; HTML still as markup."""
+
+    text: str
+    html: bool = False
+
+    @property
+    def blank(self) -> bool:
+        return not self.text.strip()
 
 
 def _shown_headers(msg: EmailMessage) -> list[tuple[str, str]]:
@@ -122,12 +141,17 @@ def _raw_header(value: object) -> bytes:
 def _walk(
     part: EmailMessage,
     out: RenderedMessage,
-    plain: list[str],
-    htmls: list[str],
+    pieces: list[_Piece],
     *,
     depth: int,
     counter: list[int],
 ) -> None:
+    """Append the body parts below `part` to `pieces` in reading order and list the rest.
+
+    Every part of a multipart/mixed (or related, or any other kind) is read in turn: an
+    HTML body followed by a plain-text footer is both. Of a multipart/alternative only one
+    child is read: the first with plain text in it, else the last (the richest) that has
+    any text; the attachments of every child are listed."""
     counter[0] += 1
     if counter[0] > MAX_PARTS or depth > MAX_DEPTH:
         out.problem = "The message has too many parts; only the first ones are shown."
@@ -135,9 +159,17 @@ def _walk(
     content_type = _content_type(part)
     if part.is_multipart() and content_type.startswith("multipart/"):
         payload = part.get_payload()
-        for child in payload if isinstance(payload, list) else []:
-            if isinstance(child, EmailMessage):
-                _walk(child, out, plain, htmls, depth=depth + 1, counter=counter)
+        children = [c for c in (payload if isinstance(payload, list) else [])
+                    if isinstance(c, EmailMessage)]
+        if content_type != "multipart/alternative":
+            for child in children:
+                _walk(child, out, pieces, depth=depth + 1, counter=counter)
+            return
+        alternatives: list[list[_Piece]] = []
+        for child in children:
+            alternatives.append([])
+            _walk(child, out, alternatives[-1], depth=depth + 1, counter=counter)
+        pieces.extend(_pick_alternative(alternatives))
         return
     names = attachment_names(part)
     # str(): compat32 gives a Header object, not a str, for a field with 8-bit bytes.
@@ -148,14 +180,25 @@ def _walk(
         and content_type in ("text/plain", "text/html", "text")
     )
     if is_body:
-        text = _decode_text(part)
-        (htmls if content_type == "text/html" else plain).append(text)
+        pieces.append(_Piece(_decode_text(part), html=content_type == "text/html"))
         return
     # Everything else (files, attached messages, images) is listed and never opened.
     out.attachments.append(
         Attachment(names=names, content_type=display_value(content_type, limit=200),
                    size=_decoded_size(part))
     )
+
+
+def _pick_alternative(alternatives: list[list[_Piece]]) -> list[_Piece]:
+    """The alternative to show: plain text where there is some (an empty text/plain beside
+    the HTML, as some bulk mailers send, does not count), else the last one with text."""
+    for pieces in alternatives:
+        if any(not p.html and not p.blank for p in pieces):
+            return pieces
+    for pieces in reversed(alternatives):
+        if any(not p.blank for p in pieces):
+            return pieces
+    return alternatives[0] if alternatives else []
 
 
 def _content_type(part: EmailMessage) -> str:
@@ -211,23 +254,114 @@ def _payload_bytes(part: EmailMessage) -> bytes:
 
 def _decoded_size(part: EmailMessage) -> int:
     if part.is_multipart():
-        # An attached message: its size as stored.
-        return len(str(part.get_payload()))
+        # An attached message (message/rfc822 and the like): the size of that message.
+        payload = part.get_payload()
+        inner = payload[0] if isinstance(payload, list) and payload else None
+        if not isinstance(inner, EmailMessage):
+            return 0
+        try:
+            return len(inner.as_bytes())
+        except Exception:  # noqa: BLE001 - a hostile message must still give a page
+            return 0
     return len(_payload_bytes(part))
 
 
 def _decode_text(part: EmailMessage) -> str:
     payload = _payload_bytes(part)[:MAX_PART_BYTES]
-    charset = part.get_content_charset() or "us-ascii"
+    text = decode_text(payload, part.get_content_charset())
+    text = replace_surrogates(text).replace("\r\n", "\n").replace("\r", "\n")
+    if part.get_content_type() == "text/plain" and _param(part, "format") == "flowed":
+        text = unflow(text, delsp=_param(part, "delsp") == "yes")
+    return text
+
+
+def _param(part: EmailMessage, name: str) -> str:
     try:
-        codecs.lookup(charset)
+        value = part.get_param(name)
+    except Exception:  # noqa: BLE001 - a Content-Type that cannot be split has none
+        return ""
+    if isinstance(value, tuple):
+        value = value[-1]
+    return str(value or "").strip().lower()
+
+
+def _codec_for(label: str | None) -> str | None:
+    """The codec to decode text labelled `label` with; None when no codec is known.
+
+    A label is read as mail clients and browsers read it (the WHATWG Encoding Standard,
+    through webencodings): ISO-8859-1 text with Windows-1252 quotes and euro signs is
+    Windows-1252, GB2312 text with GBK characters is GBK, `iso-8859-8-i` and
+    `x-mac-roman` are known. Labels the standard leaves out (UTF-7, the DOS code pages)
+    are looked up in Python's codecs. ASCII stays ASCII: `decode_text` reads 8-bit text
+    labelled so as undeclared."""
+    label = (label or "").strip()
+    try:
+        if codecs.lookup(label).name == "ascii":
+            return "ascii"
     except (LookupError, ValueError):  # ValueError: a NUL in the name
-        charset = "utf-8"
+        pass
+    encoding = webencodings.lookup(label)
+    if encoding is not None:
+        return encoding.codec_info.name
     try:
-        text = payload.decode(charset, "replace")
+        return codecs.lookup(label).name
+    except (LookupError, ValueError):
+        return None
+
+
+def decode_text(payload: bytes, label: str | None) -> str:
+    """Text of a body part from its bytes and its charset label, never an error.
+
+    Plain ASCII is the default (RFC 2045) but mail often sends 8-bit text without a label,
+    or labelled US-ASCII: it is read as UTF-8 where it is valid UTF-8, else as Windows-1252.
+    So is text in a charset no codec is known for. A known charset is decoded with U+FFFD
+    for the bytes it does not have."""
+    codec = _codec_for(label or "us-ascii")
+    if codec in (None, "ascii"):
+        if payload.isascii():
+            return payload.decode("ascii")
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return payload.decode("cp1252", "replace")
+    try:
+        return payload.decode(codec, "replace")
     except Exception:  # noqa: BLE001 - some codecs raise their own errors on bad input
-        text = payload.decode("utf-8", "replace")
-    return replace_surrogates(text).replace("\r\n", "\n").replace("\r", "\n")
+        return payload.decode("utf-8", "replace")
+
+
+def unflow(text: str, *, delsp: bool = False) -> str:
+    """Plain text of a format=flowed part (RFC 3676), in one pass over its lines.
+
+    A line ending in a space goes on in the next line of the same quote depth; the space
+    that was put before a line for transport (space-stuffing) goes; with DelSp=yes the
+    space at the join goes too. "-- " (a signature separator) ends a paragraph."""
+    out: list[str] = []
+    current: list[str] = []
+    current_depth = -1
+    for line in text.split("\n"):
+        depth = len(line) - len(line.lstrip(">"))
+        content = line[depth:]
+        if content.startswith(" "):
+            content = content[1:]
+        flowed = content.endswith(" ") and content != "-- "
+        if current and depth != current_depth:
+            out.append(_quoted("".join(current), current_depth))
+            current = []
+        if flowed and delsp:
+            content = content[:-1]
+        current.append(content)
+        current_depth = depth
+        if not flowed:
+            out.append(_quoted("".join(current), depth))
+            current = []
+    if current:
+        out.append(_quoted("".join(current), current_depth))
+    return "\n".join(out)
+
+
+def _quoted(text: str, depth: int) -> str:
+    return f"{'>' * depth} {text}" if depth else text
 
 
 def _visible_body(text: str) -> str:

@@ -15,7 +15,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Value
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -131,11 +131,17 @@ def _search(rows: RecipientQuerySet, q: str, params: dict) -> RecipientQuerySet:
     rare the term (a term found nowhere costs two index look-ups, not a scan of the whole
     quarantine). Many matches: the list is read newest first until a page is full.
     """
+    if connection.vendor == "sqlite" and not q.isascii():
+        # SQLite's LIKE ignores the case of ASCII letters only; its REGEXP (Python's re,
+        # registered by Django) ignores the case of every letter, as PostgreSQL's UPPER does.
+        lookup, term = "iregex", re.escape(q)
+    else:
+        lookup, term = "icontains", q
     everywhere = (
-        Q(message__subject__icontains=q)
-        | Q(message__from_header__icontains=q)
-        | Q(message__to_header__icontains=q)
-        | Q(address__icontains=q)
+        Q(**{f"message__subject__{lookup}": term})
+        | Q(**{f"message__from_header__{lookup}": term})
+        | Q(**{f"message__to_header__{lookup}": term})
+        | Q(**{f"address__{lookup}": term})
     )
     if connection.vendor != "postgresql" or not _TRIGRAM_TERM.search(q):
         return rows.filter(everywhere)
@@ -195,11 +201,12 @@ def message_detail(request: HttpRequest, mail_id: str) -> HttpResponse:
 def download(request: HttpRequest, mail_id: str) -> HttpResponse:
     message = _get_message_for_user(request, mail_id)
     if message.category not in settings.ALLOWED_DOWNLOAD_TYPES:
-        return HttpResponseForbidden("This kind of message cannot be downloaded.")
+        return _error_page(request, 403, "Forbidden",
+                           "Messages of this kind cannot be downloaded.")
     try:
         data = get_store(message.origin).load(message.storage_key).message
-    except StoreError as exc:
-        raise Http404("The stored message is gone.") from exc
+    except StoreError:
+        return _error_page(request, 404, "Not found", "The stored message cannot be read.")
     record_event(request.user, AuditEvent.Action.DOWNLOAD, mail_id=message.mail_id)
     # The file name is built from the mail_id (letters, digits, - _ +) and never from the
     # mail, so it needs no quoting; the type is ours, never the message's own.
@@ -207,6 +214,11 @@ def download(request: HttpRequest, mail_id: str) -> HttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{message.mail_id}.eml"'
     response["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def _error_page(request: HttpRequest, code: int, title: str, text: str) -> HttpResponse:
+    return render(request, "error.html", {"title": title, "code": code, "text": text},
+                  status=code)
 
 
 @login_required

@@ -12,5 +12,7 @@ urlpatterns = [
     path("", include("quarantine.urls")),
 ]
 
+handler400 = "spamviewer.views.bad_request"
+handler403 = "spamviewer.views.permission_denied"
 handler404 = "spamviewer.views.not_found"
 handler500 = "spamviewer.views.server_error"
