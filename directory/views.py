@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
@@ -19,6 +20,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from directory import accounts
 from directory.forms import AddUserForm, AuditFilterForm, ClearQuarantineForm, EditUserForm
 from directory.models import Address
+from directory.relaymap import RelayMapError, write_relay_map
 from quarantine.deletion import clear_quarantine
 from quarantine.models import AuditEvent
 
@@ -100,6 +102,7 @@ def user_add(request: HttpRequest) -> HttpResponse:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"User {user.username} added.")
+            _refresh_relay_map(request)
             return redirect("directory:users")
     return render(request, "directory/user_form.html", {"form": form, "adding": True})
 
@@ -126,6 +129,8 @@ def user_edit(request: HttpRequest, user_id: int) -> HttpResponse:
             form.add_error("addresses", str(exc))
         else:
             messages.success(request, _edit_summary(user, change, bool(form.new_password)))
+            if change.changed:
+                _refresh_relay_map(request)
             return redirect("directory:users")
     context = {
         "form": form,
@@ -133,6 +138,23 @@ def user_edit(request: HttpRequest, user_id: int) -> HttpResponse:
         "directory_addresses": user.addresses.filter(source=Address.SOURCE_LDAP),
     }
     return render(request, "directory/user_form.html", context)
+
+
+def _refresh_relay_map(request: HttpRequest) -> None:
+    """Postfix takes mail only for the addresses in the relay map. Once the map exists
+    (`writerelaymap` or the directory sync wrote it), each change of addresses here
+    rewrites it, so that a new user's mail is not refused until the next sync. A map
+    that cannot be rewritten stays as it was, and vadmin is told why."""
+    if not Path(settings.RELAY_MAP_PATH).exists():
+        return
+    try:
+        write_relay_map()
+    except RelayMapError as exc:
+        messages.warning(
+            request,
+            f"The relay map was not rewritten, Postfix still uses the previous one: {exc}. "
+            "Run manage.py writerelaymap once the cause is fixed.",
+        )
 
 
 def _edit_summary(user: User, change: accounts.AddressChange, password: bool) -> str:
@@ -151,11 +173,14 @@ def _edit_summary(user: User, change: accounts.AddressChange, password: bool) ->
 def user_delete(request: HttpRequest, user_id: int) -> HttpResponse:
     user = _get_user(user_id)
     if request.method == "POST":
+        had_addresses = user.addresses.exists()
         try:
             accounts.delete_user(user)
         except accounts.ProtectedUser:
             raise PermissionDenied from None
         messages.success(request, f"User {user.username} deleted; their quarantined mail stays.")
+        if had_addresses:
+            _refresh_relay_map(request)
         return redirect("directory:users")
     return render(
         request, "directory/user_delete.html", {"edited": user, "addresses": user.addresses.all()}
