@@ -163,12 +163,15 @@ class QuarantineEverything:
 
 @dataclass
 class RecordingPolicy:
-    """A policy that passes every message and records (relay client?, profile name)."""
+    """A policy that passes every message and records (relay client?, profile name), and
+    each envelope the checks got."""
 
     seen: list = field(default_factory=list)
+    envelopes: list = field(default_factory=list)
 
     async def decide(self, message, envelope, profile):
         self.seen.append((envelope.relay_client, profile.name))
+        self.envelopes.append(envelope)
         return CLEAN
 
 

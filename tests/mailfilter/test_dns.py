@@ -21,6 +21,7 @@ from mailfilter.checks.dns import (
     sender_domain,
 )
 from mailfilter.profiles import parse_profile
+from tests.mailfilter.conftest import RecordingPolicy
 from tests.mailfilter.dnsserver import DNSMASQ, DnsServers
 
 pytestmark = pytest.mark.skipif(
@@ -650,16 +651,8 @@ def test_behind_postfix_the_checks_see_the_client_postfix_names_in_xforward(star
     """Behind Postfix the worker's peer is Postfix itself (127.0.0.1): the checks, the DNS
     block lists above all, must get the client Postfix names in XFORWARD (address, name,
     HELO), or they would look up Postfix and never find a listed sender."""
-    seen = []
-
-    class Recording:
-        async def decide(self, message, envelope, profile):
-            from mailfilter.policy import CLEAN
-
-            seen.append(envelope)
-            return CLEAN
-
-    worker = start_filter(policy=Recording())
+    policy = RecordingPolicy()
+    worker = start_filter(policy=policy)
     client = raw(worker.port)
     client.reply()
     client.command(b"EHLO postfix.test")
@@ -670,6 +663,6 @@ def test_behind_postfix_the_checks_see_the_client_postfix_names_in_xforward(star
     client.command(b"RCPT TO:<alice@example.test>")
     client.command(b"DATA")
     assert client.command(b"Subject: hi\r\n\r\nhello\r\n.").startswith(b"250")
-    [envelope] = seen
+    [envelope] = policy.envelopes
     assert (envelope.client_address, envelope.client_name, envelope.helo) == (
         "2001:db8::25", "mx.remote.example", "mx.remote.example")

@@ -15,6 +15,7 @@ import pytest
 
 from mailfilter.checks.dns import DnsChecker, internal_network
 from mailfilter.profiles import parse_profile
+from tests.mailfilter.conftest import RecordingPolicy
 from tests.mailfilter.dnsserver import DNSMASQ, DnsServers
 
 pytestmark = pytest.mark.skipif(
@@ -275,19 +276,11 @@ def test_worker_asks_nothing_for_an_internal_or_unknown_client(
 def test_xforward_addr_unavailable_leaves_the_client_unknown(start_filter, raw):
     """Postfix names no client address (local submission): the checks must not take
     Postfix, the peer, for the client."""
-    seen = []
-
-    class Recording:
-        async def decide(self, message, envelope, profile):
-            from mailfilter.policy import CLEAN
-
-            seen.append(envelope)
-            return CLEAN
-
-    worker = start_filter(policy=Recording())
+    policy = RecordingPolicy()
+    worker = start_filter(policy=policy)
     reply = _send(worker, raw, b"NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] HELO=[UNAVAILABLE]")
     assert reply.startswith(b"250"), reply
-    [envelope] = seen
+    [envelope] = policy.envelopes
     assert (envelope.client_address, envelope.client_name, envelope.helo) == ("", "", "")
 
 
