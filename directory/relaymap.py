@@ -337,11 +337,33 @@ def _keep_previous(path: Path, *, copy: bool = False) -> None:
     previous = path.with_name(path.name + ".previous")
     with contextlib.suppress(FileNotFoundError):
         previous.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        if copy:
-            shutil.copyfile(path, previous)
-        else:
+    if not copy:
+        with contextlib.suppress(FileNotFoundError):
             os.link(path, previous)
+        return
+    # A copy takes as much room as the database: made under a temporary name and renamed,
+    # a crash or a full disk never leaves a partial one. Without room for it the map is
+    # replaced all the same (the previous text, kept by a link, rebuilds the database with
+    # postmap): a map left as it was would go on refusing the addresses just added.
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=".tmp",
+                                    dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        shutil.copyfile(path, tmp)
+        tmp.chmod(0o644)
+        _fsync_file(tmp)
+        os.replace(tmp, previous)
+        tmp = None
+    except FileNotFoundError:
+        pass  # no database yet: nothing to keep
+    except OSError as exc:
+        log.warning("%s: cannot keep a copy as %s (%s); the map is replaced without it",
+                    path, previous.name, exc)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _write_temp(path: Path, content: str) -> Path:

@@ -105,6 +105,36 @@ def clear_quarantine(*, user) -> int:
     return removed
 
 
+def discard_file(store: FileStore, key: str) -> None:
+    """Remove a file the filter wrote but does not keep (its insert failed, or the worker
+    gave the write up): the client is told to send the message again, so nothing of this
+    copy may stay.
+
+    The file goes first, so that it goes even without the database. An index run may have
+    found it before: under the lock, a batch that checked the file before it went has
+    committed its row by then (and the row goes too), and a later one finds it gone.
+
+    Raises StoreError when the file cannot be removed: a pending deletion record keeps
+    index runs from taking it, and `prunequarantine` removes it later."""
+    origins = {str(store.root), str(store.root.absolute()), str(store.root.resolve())}
+    rows = Message.objects.filter(origin__in=origins, storage_key=key)
+    try:
+        store.delete(key)
+    except StoreError:
+        try:
+            _delete_messages(rows, also_files=[(str(store.root), key)])
+        except DatabaseError as exc:
+            log.warning("%s: no pending deletion recorded (%s)", store.path(key), exc)
+        raise
+    try:
+        with transaction.atomic():
+            lock_store_files()
+            rows.delete()
+    except DatabaseError as exc:
+        # The database that failed the insert: no index run commits a row meanwhile.
+        log.debug("rows of %s not checked: %s", store.path(key), exc)
+
+
 def delete_messages(
     messages,
     *,

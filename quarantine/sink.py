@@ -21,6 +21,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from quarantine.deletion import discard_file
 from quarantine.indexer import index_file
 from quarantine.store import (
     FileStore,
@@ -183,9 +184,12 @@ class DjangoQuarantineSink:
                 attempt.check()
             attempt.kept(mail_id)
         except Exception:
-            # Without its row the file would be invisible; the client retries anyway.
+            # The client sends the message again: this copy goes, with any row an index
+            # run made of it meanwhile. On a connection of its own, which a cancel sent
+            # late for the write given up cannot reach.
+            connections.close_all()
             try:
-                self.store.delete(key)
+                discard_file(self.store, key)
             except StoreError:
                 log.exception("cannot remove unindexed quarantine file %s", key)
             raise
