@@ -431,11 +431,18 @@ def load_profiles(directory: str | os.PathLike[str]) -> dict[str, Profile]:
         entries = sorted(directory.iterdir())
     except OSError as error:
         raise ProfileError(directory, 0, f"cannot list: {error.strerror or error}") from None
-    profiles = {
-        entry.name: read_profile(entry)
-        for entry in entries
-        if entry.is_file() and not entry.name.startswith(".")
-    }
+    profiles = {}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            # A directory FILTER_USER may list but not search (mode 0744) fails here, on
+            # a reload after privileges were dropped: a profile error like any other.
+            regular = entry.is_file()
+        except OSError as error:
+            raise ProfileError(entry, 0, f"cannot read: {error.strerror or error}") from None
+        if regular:
+            profiles[entry.name] = read_profile(entry)
     if not profiles:
         raise ProfileError(directory, 0, "no profile files")
     return profiles

@@ -274,7 +274,9 @@ class ProcessCounters:
 
     `collect()` asks every running process for its counters and waits for the answers at
     most `timeout` seconds: a process that does not answer in time (hung, stopped, its
-    event loop busy) counts with the last snapshot it sent.
+    event loop busy) counts with the last snapshot it sent. Such a process is not waited
+    for again until it answered: the parent waits for nobody while it waits (several
+    scrapes at once would each wait `timeout` seconds, one after the other).
     """
 
     def __init__(self, *, timeout: float = 1.0) -> None:
@@ -285,6 +287,8 @@ class ProcessCounters:
         self._answered: dict[int, int] = {}
         # Channels whose worker end is still open.
         self._open: set[int] = set()
+        # Processes that did not answer a request in time: pid -> that request's token.
+        self._late: dict[int, int] = {}
         self._token = 0
 
     def add(self, pid: int, channel: socket.socket) -> None:
@@ -334,6 +338,7 @@ class ProcessCounters:
         channel.close()
         self._open.discard(pid)
         self._answered.pop(pid, None)
+        self._late.pop(pid, None)
         self._gone.add(self._latest.pop(pid))
 
     def collect(self) -> Stats:
@@ -341,7 +346,14 @@ class ProcessCounters:
         self._token += 1
         token = self._token
         waiting: set[int] = set()
-        for pid in self._open:
+        for pid in list(self._open):
+            if pid in self._late:
+                if self.read(pid) and self._answered[pid] < self._late[pid]:
+                    # Still silent: its last snapshot counts, without a wait.
+                    continue
+                del self._late[pid]
+                if pid not in self._open:
+                    continue
             with contextlib.suppress(OSError):
                 self._channels[pid].send(str(token).encode())
                 waiting.add(pid)
@@ -361,6 +373,8 @@ class ProcessCounters:
         if waiting:
             log.warning("worker processes %s did not send their counters in time; their "
                         "last ones count", ", ".join(map(str, sorted(waiting))))
+            for pid in waiting:
+                self._late[pid] = token
         return self.total()
 
     def total(self) -> Stats:

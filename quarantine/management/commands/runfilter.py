@@ -8,7 +8,8 @@ With FILTER_PROCESSES=N the command binds N sockets to the same address with SO_
 (the kernel spreads connections over them), forks one worker process per socket and
 supervises them (`Supervisor`): it passes SIGTERM, SIGINT and SIGHUP on, starts a new
 worker on the same socket when one dies, and serves FILTER_METRICS_LISTEN with the
-counters summed over all of them.
+counters summed over all of them. A worker process whose parent is gone (killed with
+SIGKILL, say) stops on its own: nothing would supervise it or reach it through the pid file.
 
 The profiles (PROFILE_DIR) and their signature files are loaded before anything listens: a
 file that does not load stops the start with its path, line and reason. The pid of the
@@ -33,7 +34,6 @@ import socket
 import ssl
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,6 +235,10 @@ class Supervisor:
         self.keeper = keeper
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
+        # Only this process holds the write end (each worker process closes its copy):
+        # when this process is gone, however it went, the read end of every worker
+        # process sees end of file and that worker stops.
+        self.lifeline_r, self.lifeline_w = os.pipe()
         self.counters = ProcessCounters() if metrics is not None else None
         self.endpoint = (
             MetricsEndpoint(metrics, self._render) if metrics is not None else None
@@ -247,10 +251,13 @@ class Supervisor:
     def run(self) -> None:
         self._install()
         try:
-            for slot in self.slots:
-                self._start(slot)
+            # Before the first fork: a worker process must never run as another user than
+            # this process, which could then not pass a signal on to it (EPERM). A worker
+            # process needs nothing of root's: its socket is bound, its TLS key loaded.
             if self.user:
                 drop_privileges(self.user)
+            for slot in self.slots:
+                self._start(slot)
             self.command._announce(self.config, self.port)
             self._loop()
         except BaseException:
@@ -287,6 +294,8 @@ class Supervisor:
         self.selector.close()
         for sock in (self.wake_r, self.wake_w):
             sock.close()
+        for fd in (self.lifeline_r, self.lifeline_w):
+            os.close(fd)
         if self.endpoint is not None:
             self.endpoint.close()
         if self.counters is not None:
@@ -339,9 +348,15 @@ class Supervisor:
                 self._forward(signum)
                 # A worker process started later is forked from this process: it must
                 # start with what the running ones reloaded (or kept, when the reload
-                # failed, which they log).
-                with contextlib.suppress(ProfileError, SignatureError, ValueError):
+                # failed, which they log). Whatever the reload meets, this process, which
+                # supervises them all, goes on.
+                try:
                     self.checks.reload()
+                except (ProfileError, SignatureError, ValueError):
+                    pass
+                except Exception:
+                    log.exception("reload failed in the parent process, the profiles in "
+                                  "use stay for the worker processes it starts")
             else:
                 self._stop(signum)
 
@@ -427,10 +442,11 @@ class Supervisor:
         if pid == 0:
             code = 1
             try:
-                reload = self._become_worker(slot, parent_end, mask)
+                early = self._become_worker(slot, parent_end, mask)
                 run_worker(self.command._run(
                     self.worker_config, slot.sock, self.user, self.checks, tls=self.tls,
-                    channel=worker_end, reload=reload, announce=False,
+                    channel=worker_end, early=early, parent=self.lifeline_r,
+                    announce=False,
                 ))
                 code = 0
             except BaseException:
@@ -448,21 +464,28 @@ class Supervisor:
 
     def _become_worker(
         self, slot: _Slot, parent_end: socket.socket | None, mask: set
-    ) -> Callable[[], bool]:
+    ) -> list[int]:
         """In the forked worker process: the signals back to a worker's, and everything of
-        the parent's closed but this worker's socket (an inherited copy of a metrics
-        client's connection, say, would keep that client from seeing the end of its
-        answer). Returns whether a SIGHUP came before the worker could take it."""
-        hangups: list[int] = []
+        the parent's closed but this worker's socket and the read end of the lifeline (an
+        inherited copy of a metrics client's connection, say, would keep that client from
+        seeing the end of its answer). Returns the list of the stop and reload signals
+        that come before the worker's event loop takes them: a SIGTERM passed on by a
+        parent told to stop just after it forked this process must stop the worker as it
+        stops the others, not kill it (which the parent would count as a failure)."""
+        early: list[int] = []
+
+        def keep(signum: int, frame: object) -> None:
+            early.append(signum)
+
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, keep)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.selector.close()
         self.wake_r.close()
         self.wake_w.close()
+        os.close(self.lifeline_w)
         if self.endpoint is not None:
             self.endpoint.close()
         if self.counters is not None:
@@ -476,11 +499,27 @@ class Supervisor:
             self.keeper.close()
         # What the parent counted (its own reloads) is not this worker's.
         self.checks.stats.clear()
-        return lambda: bool(hangups)
+        return early
 
     def _render(self) -> str:
         assert self.counters is not None
         return self.counters.collect().render()
+
+
+def _parent_gone(loop: asyncio.AbstractEventLoop, lifeline: int, stop: asyncio.Event) -> None:
+    """The lifeline is readable: its write end closed, so the parent process is gone
+    (killed: SIGKILL leaves it no time to stop its workers). A worker without its parent
+    is not supervised and not reachable through the pid file: it stops."""
+    try:
+        if os.read(lifeline, 64):
+            return
+    except BlockingIOError:
+        return
+    except OSError:
+        pass
+    loop.remove_reader(lifeline)
+    processes_log.error("the parent process is gone; this worker process stops")
+    stop.set()
 
 
 def _exit_status(code: int) -> str:
@@ -585,9 +624,13 @@ class Command(BaseCommand):
         self, config: FilterConfig, sock, user: str, checks: FilterChecks, *,
         tls: ssl.SSLContext | None = None,
         channel: socket.socket | None = None,
-        reload: Callable[[], bool] | None = None,
+        early: list[int] | None = None,
+        parent: int | None = None,
         announce: bool = True,
     ):
+        """Serve until SIGTERM or SIGINT. In a worker process of a `Supervisor`: `early`
+        holds the signals that came before this loop could take them, and `parent` is the
+        read end of the parent's lifeline (end of file: the parent is gone)."""
         server = FilterServer(
             config, sink=DjangoQuarantineSink(), sock=sock, policy=checks.policy,
             lookup=checks.lookup, stats=checks.stats, tls=tls,
@@ -602,8 +645,14 @@ class Command(BaseCommand):
         # Runs on the event loop between two steps of the sessions: a transaction keeps
         # the profile it chose, and no connection is touched.
         loop.add_signal_handler(signal.SIGHUP, reload_checks, checks)
-        if reload is not None and reload():
-            reload_checks(checks)
+        if early:
+            if signal.SIGTERM in early or signal.SIGINT in early:
+                stop.set()
+            elif signal.SIGHUP in early:
+                reload_checks(checks)
+        if parent is not None:
+            os.set_blocking(parent, False)
+            loop.add_reader(parent, _parent_gone, loop, parent, stop)
         reporter = SnapshotReporter(checks.stats, channel) if channel is not None else None
         if reporter is not None:
             reporter.start()
