@@ -23,6 +23,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from directory.models import Address
 from quarantine.headers import make_visible
 from quarantine.models import AuditEvent, Category, Message, Recipient, record_event
 from quarantine.store import StoreError, get_store, to_crlf
@@ -45,8 +46,9 @@ class _Refused(Exception):
     """The release cannot be attempted; the text says why."""
 
 
-def release_message(message: Message, *, user) -> ReleaseResult:
-    """Deliver `message` to the recipients that `user` owns (vadmin: all of them).
+def release_message(message: Message, *, user, owner=None) -> ReleaseResult:
+    """Deliver `message` to the recipients that `user` owns (vadmin: all of them); with
+    `owner` (vadmin acting on one user's list), to those of them that are `owner`'s.
 
     Recipients already released, or being released by someone else right now, are left
     alone. On refusal or failure nothing changes and the result carries the reason."""
@@ -57,10 +59,17 @@ def release_message(message: Message, *, user) -> ReleaseResult:
     ):
         return _failed(message, user, "Release refused: messages with a virus can only be "
                                       "released by the administrator.")
-    claimed = _claim(message, user=user)
+    claimed = _claim(message, user=user, owner=owner)
     if not claimed:
+        if owner is not None and not _copies(message, owner).exists():
+            return ReleaseResult(
+                ok=False,
+                text=f"Nothing to release: {owner.username} has no copy of this message.",
+            )
+        whose = f" for {owner.username}" if owner is not None else ""
         return ReleaseResult(
-            ok=False, text="Nothing to release: already released, or a release is running."
+            ok=False,
+            text=f"Nothing to release{whose}: already released, or a release is running.",
         )
     try:
         sender, recipients, data = _prepare(message, claimed)
@@ -76,7 +85,11 @@ def release_message(message: Message, *, user) -> ReleaseResult:
     _unclaim([r for r in claimed if r.address in refused])
     addresses = ", ".join(r.address for r in delivered)
     record_event(user, AuditEvent.Action.RELEASE, mail_id=message.mail_id, detail=addresses)
-    text = f"Released to {addresses}."
+    if owner is not None:
+        copies = "copy" if len(delivered) == 1 else "copies"
+        text = f"Released {owner.username}'s {copies} to {addresses}."
+    else:
+        text = f"Released to {addresses}."
     if refused:
         text += " Refused: " + "; ".join(
             f"{addr}: {answer}" for addr, answer in sorted(refused.items())
@@ -87,12 +100,17 @@ def release_message(message: Message, *, user) -> ReleaseResult:
     return ReleaseResult(ok=True, text=text, delivered=[r.address for r in delivered])
 
 
-def _claim(message: Message, *, user) -> list[Recipient]:
-    candidates = list(
-        Recipient.objects.filter(message=message, released_at__isnull=True)
-        .visible_to(user)
-        .order_by("id")
-    )
+def _copies(message: Message, owner):
+    """The recipients of `message` that are addresses of `owner`."""
+    owned = Address.objects.for_user(owner).values("address")
+    return Recipient.objects.filter(message=message, address__in=owned)
+
+
+def _claim(message: Message, *, user, owner=None) -> list[Recipient]:
+    candidates = Recipient.objects.filter(message=message, released_at__isnull=True)
+    if owner is not None:
+        candidates = candidates.filter(id__in=_copies(message, owner).values("id"))
+    candidates = list(candidates.visible_to(user).order_by("id"))
     now = timezone.now()
     claimable = Q(release_claimed_at__isnull=True) | Q(release_claimed_at__lt=now - CLAIM_TIMEOUT)
     claimed = []

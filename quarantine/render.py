@@ -383,6 +383,21 @@ _BLOCK = frozenset(
 )
 _CELL = frozenset({"td", "th"})
 _TAG_NAME_RE = re.compile(r"\s*(/?)\s*([A-Za-z][A-Za-z0-9:-]{0,40})")
+# The attributes of a start tag, one at a time: a name, then maybe `=` and a value (quoted
+# values are found with str.find, so that each character is looked at once).
+_ATTR_NAME_RE = re.compile(r"[\s/]*([^\s/>=][^\s/>=]*)?\s*(=?)\s*")
+_UNQUOTED_VALUE_RE = re.compile(r"[^\s>]*")
+# A link's target is shown for these schemes only: where a click in a mail client leads.
+_SHOWN_SCHEMES = ("http:", "https:", "mailto:")
+MAX_TARGET_CHARS = 300
+# Removed from a shown target: controls, bidi and other invisible format characters, which
+# could make the target read as another one. Browsers drop tabs and line breaks from a URL.
+_TARGET_REMOVED_RE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2069"
+    "\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
+# Characters that would make a shown target ambiguous (end it, or run it into the text).
+_TARGET_QUOTED = {" ": "%20", "<": "%3C", ">": "%3E", '"': "%22"}
 _WS_RE = re.compile(r"[ \t\r\n\f]+")
 _END_TAG_RE_CACHE: dict[str, re.Pattern[str]] = {}
 
@@ -399,13 +414,33 @@ def html_to_text(markup: str, *, max_chars: int = MAX_BODY_CHARS) -> str:
     One forward pass: each `<` starts a tag only where a `>` follows; otherwise the rest of
     the input is dropped (as a browser drops an unterminated tag), so no position is
     scanned twice. Content of script, style, head, title and similar elements is dropped;
-    block elements become line breaks; entities are decoded. No markup is kept."""
+    block elements become line breaks; entities are decoded. No markup is kept.
+
+    Where a link leads is the first thing to check in a phishing mail, so a link's
+    web or mail target follows its text as `text <target>` (plain text, never a link),
+    unless the text says the same."""
     markup = markup[:MAX_HTML_CHARS]
     pieces: list[str] = []
     produced = 0
     pre_depth = 0
     pos = 0
     length = len(markup)
+    # The open link: its shown target and where its text starts in `pieces`.
+    link: tuple[str, int] | None = None
+
+    def close_link() -> int:
+        nonlocal link
+        if link is None:
+            return 0
+        target, start = link
+        link = None
+        label = _WS_RE.sub(" ", "".join(pieces[start:])).strip()
+        if not target or _same_target(label, target):
+            return 0
+        shown = f"<{target}>" if not label or pieces[-1][-1:].isspace() else f" <{target}>"
+        pieces.append(shown)
+        return len(shown)
+
     while pos < length and produced <= max_chars:
         lt = markup.find("<", pos)
         if lt < 0:
@@ -434,11 +469,21 @@ def html_to_text(markup: str, *, max_chars: int = MAX_BODY_CHARS) -> str:
             produced += 1
             pos = lt + 1
             continue
-        end = markup.find(">", match.end())
+        closing, name = match.group(1) == "/", match.group(2).lower()
+        if name == "a" and not closing:
+            # Quoted values may hold a `>`: the attributes are read to find the tag's end.
+            href, end = _link_attributes(markup, match.end())
+        else:
+            href, end = None, markup.find(">", match.end())
         if end < 0:
             break
-        closing, name = match.group(1) == "/", match.group(2).lower()
         pos = end + 1
+        if name == "a":
+            # A link inside a link ends the first one, as in a browser.
+            produced += close_link()
+            if not closing:
+                link = (_shown_target(href), len(pieces))
+            continue
         if not closing and name in _SKIP_CONTENT and not markup[end - 1 : end] == "/":
             close = _end_tag_re(name).search(markup, pos)
             gt = -1 if close is None else markup.find(">", close.end())
@@ -455,7 +500,60 @@ def html_to_text(markup: str, *, max_chars: int = MAX_BODY_CHARS) -> str:
             pieces.append("\n\n" if name in ("p", "h1", "h2", "h3", "h4", "h5", "h6") else "\n")
         elif name in _CELL and not closing:
             pieces.append("\t")
+    close_link()
     return _tidy("".join(pieces))[:max_chars]
+
+
+def _link_attributes(markup: str, pos: int) -> tuple[str | None, int]:
+    """The `href` of the start tag whose attributes begin at `pos`, and the position of the
+    `>` that ends the tag (-1: the tag never ends). Each character is read once."""
+    href = None
+    length = len(markup)
+    while pos < length:
+        match = _ATTR_NAME_RE.match(markup, pos)
+        pos = match.end()
+        if pos >= length:
+            break
+        if markup[pos] == ">" and not match.group(2):
+            return href, pos
+        name = (match.group(1) or "").lower()
+        if not match.group(2):
+            if not match.group(1):
+                pos += 1  # a character no attribute starts with
+            continue
+        quote = markup[pos]
+        if quote in "\"'":
+            close = markup.find(quote, pos + 1)
+            if close < 0:
+                return href, -1
+            value, pos = markup[pos + 1 : close], close + 1
+        else:
+            value_match = _UNQUOTED_VALUE_RE.match(markup, pos)
+            value, pos = value_match.group(0), value_match.end()
+        if name == "href" and href is None:
+            href = value
+    return href, -1
+
+
+def _shown_target(href: str | None) -> str:
+    """A link's target as it is shown beside its text: web and mail addresses only, with
+    the characters that could disguise it removed, cut to MAX_TARGET_CHARS; "" for none."""
+    if not href:
+        return ""
+    target = _TARGET_REMOVED_RE.sub("", html.unescape(href[: 4 * MAX_TARGET_CHARS])).strip()
+    if not target.lower().startswith(_SHOWN_SCHEMES):
+        return ""
+    target = "".join(_TARGET_QUOTED.get(char, char) for char in target)
+    if len(target) > MAX_TARGET_CHARS:
+        target = target[: MAX_TARGET_CHARS - 1] + "…"
+    return target
+
+
+def _same_target(label: str, target: str) -> bool:
+    """Whether a link's text already says where it leads."""
+    if target.lower().startswith("mailto:"):
+        target = target[len("mailto:") :]
+    return label.rstrip("/") == target.rstrip("/")
 
 
 def _tidy(text: str) -> str:

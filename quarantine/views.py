@@ -7,22 +7,28 @@ for a message the user cannot see (not 403: a guessed id must not reveal that it
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.db import connection
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Value
-from django.http import HttpRequest, HttpResponse
+from django.db import connection, transaction
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, Value
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from directory.models import Address
-from quarantine.deletion import delete_for_addresses, delete_message
+from quarantine.deletion import (
+    delete_for_addresses,
+    delete_message,
+    delete_messages,
+    lock_store_files,
+)
 from quarantine.forms import ListFilterForm, encode_cursor
 from quarantine.models import (
     AuditEvent,
@@ -46,6 +52,31 @@ def _get_list_owner(request: HttpRequest, user_id: int | None) -> User | None:
     if user_id is None or not request.user.is_superuser:
         return None
     return get_object_or_404(User, id=user_id)
+
+
+def _acting_owner(request: HttpRequest) -> User | None:
+    """The user whose copies a row action on vadmin's view of one user's list acts on (the
+    form's `user`); None: the action acts on everything the acting user may act on."""
+    return _get_list_owner(request, ListFilterForm(request.POST).values()["user"])
+
+
+def _list_query(request: HttpRequest, params: dict) -> str:
+    """The list's query string (user, search, category, page) rebuilt from validated
+    parameters only, so that a link back to the list can carry nothing else."""
+    query = QueryDict(mutable=True)
+    if params["user"] is not None and request.user.is_superuser:
+        query["user"] = str(params["user"])
+    if params["q"]:
+        query["q"] = params["q"]
+    if params["category"]:
+        query["category"] = params["category"]
+    if params["cursor"]:
+        query["cursor"] = encode_cursor(*params["cursor"])
+    return query.urlencode()
+
+
+def _with_query(url: str, query: str) -> str:
+    return f"{url}?{query}" if query else url
 
 
 def _can_release(request: HttpRequest, category: str) -> bool:
@@ -73,9 +104,10 @@ def message_list(request: HttpRequest) -> HttpResponse:
     owner = _get_list_owner(request, params["user"])
     if owner is not None:
         owned = Address.objects.for_user(owner).values("address")
-        rows = Recipient.objects.filter(address__in=owned)
+        scope = Recipient.objects.filter(address__in=owned)
     else:
-        rows = Recipient.objects.visible_to(request.user)
+        scope = Recipient.objects.visible_to(request.user)
+    rows = scope
     if params["category"]:
         rows = rows.filter(category=params["category"])
     # Keyset pagination: one indexed range scan per page and no COUNT(*), whatever the size
@@ -86,8 +118,15 @@ def message_list(request: HttpRequest) -> HttpResponse:
     rows = rows.newest_first()
     if params["q"]:
         rows = _search(rows, params["q"], params)
+    # One row per message, however many of the listed addresses it was sent to: the row of
+    # its first recipient (in the scope, matching the search). A message's recipients share
+    # its received_at, so the keyset cursor of that row orders the messages as before.
+    earlier = scope.filter(message_id=OuterRef("message_id"), id__lt=OuterRef("id"))
+    if params["q"]:
+        earlier = earlier.filter(_matches(params["q"]))
+    rows = rows.filter(~Exists(earlier))
     size = settings.QUARANTINE_PAGE_SIZE
-    page = list(rows.select_related("message", "released_by")[: size + 1])
+    page = list(rows.select_related("message")[: size + 1])
     older = None
     if len(page) > size:
         page = page[:size]
@@ -96,9 +135,19 @@ def message_list(request: HttpRequest) -> HttpResponse:
         older = query.urlencode()
     newest = request.GET.copy()
     newest.pop("cursor", None)
+    # The row shows, and its actions act on, every recipient of the message in the scope:
+    # the user's addresses it was sent to (vadmin's whole list: all of them).
+    copies = defaultdict(list)
+    in_page = scope.filter(message_id__in=[row.message_id for row in page])
+    for copy in in_page.select_related("released_by").order_by("address", "id"):
+        copies[copy.message_id].append(copy)
     for row in page:
         row.summary = summarize(row.message)
-        row.can_release = row.released_at is None and _can_release(request, row.category)
+        row.copies = copies[row.message_id] or [row]
+        row.released = [copy for copy in row.copies if copy.released_at is not None]
+        row.can_release = len(row.released) < len(row.copies) and _can_release(
+            request, row.category
+        )
     return render(request, "quarantine/list.html", {
         "rows": page,
         "params": params,
@@ -108,6 +157,7 @@ def message_list(request: HttpRequest) -> HttpResponse:
         "newest_query": newest.urlencode() if params["cursor"] else None,
         "allowed_download": settings.ALLOWED_DOWNLOAD_TYPES,
         "here": request.get_full_path(),
+        "list_query": _list_query(request, params),
     })
 
 
@@ -131,18 +181,7 @@ def _search(rows: RecipientQuerySet, q: str, params: dict) -> RecipientQuerySet:
     rare the term (a term found nowhere costs two index look-ups, not a scan of the whole
     quarantine). Many matches: the list is read newest first until a page is full.
     """
-    if connection.vendor == "sqlite" and not q.isascii():
-        # SQLite's LIKE ignores the case of ASCII letters only; its REGEXP (Python's re,
-        # registered by Django) ignores the case of every letter, as PostgreSQL's UPPER does.
-        lookup, term = "iregex", re.escape(q)
-    else:
-        lookup, term = "icontains", q
-    everywhere = (
-        Q(**{f"message__subject__{lookup}": term})
-        | Q(**{f"message__from_header__{lookup}": term})
-        | Q(**{f"message__to_header__{lookup}": term})
-        | Q(**{f"address__{lookup}": term})
-    )
+    everywhere = _matches(q)
     if connection.vendor != "postgresql" or not _TRIGRAM_TERM.search(q):
         return rows.filter(everywhere)
     limit = SEARCH_CANDIDATE_LIMIT
@@ -175,24 +214,54 @@ def _search(rows: RecipientQuerySet, q: str, params: dict) -> RecipientQuerySet:
     )
 
 
+def _matches(q: str) -> Q:
+    """Rows whose message's Subject, From or To header or whose address contains `q`."""
+    if connection.vendor == "sqlite" and not q.isascii():
+        # SQLite's LIKE ignores the case of ASCII letters only; its REGEXP (Python's re,
+        # registered by Django) ignores the case of every letter, as PostgreSQL's UPPER does.
+        lookup, term = "iregex", re.escape(q)
+    else:
+        lookup, term = "icontains", q
+    return (
+        Q(**{f"message__subject__{lookup}": term})
+        | Q(**{f"message__from_header__{lookup}": term})
+        | Q(**{f"message__to_header__{lookup}": term})
+        | Q(**{f"address__{lookup}": term})
+    )
+
+
 @login_required
 @require_GET
 def message_detail(request: HttpRequest, mail_id: str) -> HttpResponse:
     message = _get_message_for_user(request, mail_id)
+    # The list this page was opened from (its user, search, category and page): the way
+    # back leads there, and on vadmin's view of one user's list the actions act on that
+    # user's copies, as they do in the list.
+    params = ListFilterForm(request.GET).values()
+    owner = _get_list_owner(request, params["user"])
+    list_query = _list_query(request, params)
     try:
         raw = get_store(message.origin).load(message.storage_key).message
     except StoreError:
         raw = None
     recipients = Recipient.objects.filter(message=message).visible_to(request.user)
     recipients = list(recipients.select_related("released_by").order_by("address"))
+    acted_on = recipients
+    if owner is not None:
+        owned = set(Address.objects.for_user(owner).values_list("address", flat=True))
+        acted_on = [r for r in recipients if r.address in owned]
+    here = reverse("quarantine:detail", args=[message.mail_id])
     return render(request, "quarantine/detail.html", {
         "message": message,
         "summary": summarize(message),
         "rendered": render_message(raw) if raw is not None else None,
         "recipients": recipients,
+        "owner": owner,
+        "back": _with_query(reverse("quarantine:list"), list_query),
+        "here": _with_query(here, list_query),
         "can_download": message.category in settings.ALLOWED_DOWNLOAD_TYPES,
         "can_release": _can_release(request, message.category)
-        and any(r.released_at is None for r in recipients),
+        and any(r.released_at is None for r in acted_on),
     })
 
 
@@ -225,7 +294,7 @@ def _error_page(request: HttpRequest, code: int, title: str, text: str) -> HttpR
 @require_POST
 def release(request: HttpRequest, mail_id: str) -> HttpResponse:
     message = _get_message_for_user(request, mail_id)
-    result = release_message(message, user=request.user)
+    result = release_message(message, user=request.user, owner=_acting_owner(request))
     (messages.success if result.ok else messages.error)(request, result.text)
     return _back(request)
 
@@ -234,19 +303,96 @@ def release(request: HttpRequest, mail_id: str) -> HttpResponse:
 @require_POST
 def delete(request: HttpRequest, mail_id: str) -> HttpResponse:
     message = _get_message_for_user(request, mail_id)
-    delete_message(message, user=request.user)
-    messages.success(request, "Message deleted.")
+    owner = _acting_owner(request)
+    if owner is None:
+        delete_message(message, user=request.user)
+        if request.user.is_superuser:
+            messages.success(request, "Message deleted for every recipient.")
+        else:
+            messages.success(request, "Message deleted.")
+        return _back(request)
+    addresses, gone = _delete_copies(message, owner, user=request.user)
+    if addresses:
+        copies = "copy" if len(addresses) == 1 else "copies"
+        rest = "no recipient is left" if gone else "the other recipients keep theirs"
+        messages.success(
+            request, f"Deleted {owner.username}'s {copies} ({', '.join(addresses)}); {rest}."
+        )
+    else:
+        messages.error(request, f"Nothing deleted: {owner.username} has no copy of this message.")
     return _back(request)
 
 
-@login_required
-@require_POST
-def delete_all(request: HttpRequest) -> HttpResponse:
-    params = ListFilterForm(request.POST).values()
-    owner = _get_list_owner(request, params["user"]) or request.user
-    removed = delete_for_addresses(
-        Address.objects.for_user(owner).values_list("address", flat=True), user=request.user
+def _delete_copies(message: Message, owner: User, *, user: User) -> tuple[list[str], bool]:
+    """Delete `owner`'s recipients of `message` (vadmin acting on one user's list), and the
+    message with its file once no recipient is left; returns the addresses deleted and
+    whether the message went.
+
+    As every deletion: the store lock first, the rows in one transaction, the file after
+    the commit."""
+    owned = Address.objects.for_user(owner).values("address")
+    with transaction.atomic():
+        lock_store_files()
+        copies = Recipient.objects.filter(message=message, address__in=owned)
+        addresses = sorted(copies.values_list("address", flat=True))
+        if not addresses:
+            return [], False
+        copies.delete()
+        gone = delete_messages(Message.objects.filter(id=message.id, recipients__isnull=True))
+    record_event(user, AuditEvent.Action.DELETE, mail_id=message.mail_id,
+                 detail=f"{owner.username}'s copies: {', '.join(addresses)}")
+    return addresses, gone > 0
+
+
+def _messages_held_for(owner: User) -> int:
+    """How many messages "Delete all" deletes for `owner`: one per message, however many
+    of the owner's addresses it was sent to."""
+    owned = Address.objects.for_user(owner).values("address")
+    return (
+        Recipient.objects.filter(address__in=owned).values("message_id").distinct().count()
     )
-    messages.success(request, f"{removed} messages deleted.")
-    url = reverse("quarantine:list")
-    return redirect(f"{url}?user={owner.id}" if owner != request.user else url)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def delete_all(request: HttpRequest) -> HttpResponse:
+    """ "Delete all" of a user's quarantine (vadmin: of the user named by `user`).
+
+    A GET shows how many messages it deletes and a form to confirm; only that form's POST
+    deletes. The form carries the number shown: when mail arrived (or went) meanwhile, the
+    page is shown again with the new number instead of deleting what the user never saw
+    counted."""
+    data = request.POST if request.method == "POST" else request.GET
+    params = ListFilterForm(data).values()
+    owner = _get_list_owner(request, params["user"]) or request.user
+    for_other = owner != request.user
+    list_url = reverse("quarantine:list")
+    if for_other:
+        list_url += f"?user={owner.id}"
+    count = _messages_held_for(owner)
+    changed = False
+    if request.method == "POST":
+        if request.POST.get("confirm") != "yes":
+            url = reverse("quarantine:delete-all")
+            return redirect(f"{url}?user={owner.id}" if for_other else url)
+        if request.POST.get("count") == str(count):
+            delete_for_addresses(
+                Address.objects.for_user(owner).values_list("address", flat=True),
+                user=request.user,
+            )
+            plural = "message" if count == 1 else "messages"
+            if for_other:
+                copies = "copy" if count == 1 else "copies"
+                messages.success(
+                    request, f"Deleted {owner.username}'s {copies} of {count} {plural}."
+                )
+            else:
+                messages.success(request, f"{count} {plural} deleted.")
+            return redirect(list_url)
+        changed = True
+    return render(request, "quarantine/delete_all.html", {
+        "owner": owner if for_other else None,
+        "count": count,
+        "changed": changed,
+        "list_url": list_url,
+    })

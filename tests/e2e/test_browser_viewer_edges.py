@@ -156,3 +156,123 @@ def test_a_very_long_sender_and_subject_do_not_widen_the_pages(page, watch, live
         page.locator(f"#row-{message.mail_id} a.subject").click()
     assert page.evaluate(overflow) <= 0
     _assert_policy_kept(watch)
+
+
+def test_delete_all_asks_first_and_says_how_many(page, watch, live_server, world,
+                                                 make_message):
+    from quarantine.models import Message
+
+    make_message(subject="First offer")
+    make_message(subject="Second offer",
+                 recipients=["alice@example.test", "alice.alias@example.test"])
+    make_message(subject="Bob's offer", recipients=["bob@example.test"])
+    login(page, live_server, "alice")
+
+    with page.expect_navigation():
+        page.get_by_role("link", name="Delete all").click()
+
+    assert "Delete 2 messages from your quarantine?" in page_text(page)
+    assert Message.objects.count() == 3
+    with page.expect_navigation():
+        page.get_by_role("link", name="Cancel").click()
+    assert [s.strip() for s in page.locator("a.subject").all_inner_texts()] == [
+        "Second offer", "First offer"
+    ]
+
+    with page.expect_navigation():
+        page.get_by_role("link", name="Delete all").click()
+    with page.expect_navigation():
+        page.get_by_role("button", name="Delete 2 messages").click()
+
+    assert urlsplit(page.url).path == "/"
+    assert "2 messages deleted." in page_text(page)
+    assert "No messages." in page_text(page)
+    assert list(Message.objects.values_list("subject", flat=True)) == ["Bob's offer"]
+    _assert_policy_kept(watch)
+
+
+def test_vadmin_deletes_a_row_of_alices_list_and_bob_keeps_his_copy(page, watch, live_server,
+                                                                    world, make_message):
+    from quarantine.models import Recipient
+
+    message = make_message(subject="Shared offer",
+                           recipients=["alice@example.test", "bob@example.test"])
+    login(page, live_server, "vadmin")
+    page.goto(f"{live_server.url}/?user={world.alice.id}")
+
+    with page.expect_navigation():
+        page.locator(f"#row-{message.mail_id} button.delete").click()
+
+    assert urlsplit(page.url).query == f"user={world.alice.id}"
+    assert "Deleted alice's copy (alice@example.test)" in page_text(page)
+    assert list(Recipient.objects.values_list("address", flat=True)) == ["bob@example.test"]
+    page.goto(f"{live_server.url}/")
+    row = page.locator(f"#row-{message.mail_id}")
+    assert "bob@example.test" in row.inner_text()
+    _assert_policy_kept(watch)
+
+
+def test_back_to_the_list_keeps_the_search_the_category_and_the_page(page, watch, live_server,
+                                                                      world, make_message,
+                                                                      settings):
+    settings.QUARANTINE_PAGE_SIZE = 5
+    for n in range(7):
+        make_message(subject=f"Offer number {n}")
+    make_message(subject="Offer in another category", category="BANNED")
+    login(page, live_server, "alice")
+    page.fill("#id_q", "Offer number")
+    page.select_option("#id_category", "SPAM")
+    with page.expect_navigation():
+        page.locator("#filter-submit").click()
+    with page.expect_navigation():
+        page.locator("#older").click()
+    older = page.url
+
+    with page.expect_navigation():
+        page.locator("a.subject", has_text="Offer number 1").click()
+    with page.expect_navigation():
+        page.get_by_role("link", name="Back to the list").click()
+
+    assert page.url == older
+    assert page.input_value("#id_q") == "Offer number"
+    assert page.input_value("#id_category") == "SPAM"
+    assert [s.strip() for s in page.locator("a.subject").all_inner_texts()] == [
+        "Offer number 1", "Offer number 0"
+    ]
+    _assert_policy_kept(watch)
+
+
+def test_a_links_target_is_shown_as_text_and_never_as_a_link(page, watch, live_server, world,
+                                                             make_message):
+    make_message(
+        subject="Your account is locked", body=None,
+        html='<p>Please <a href="https://evil.example/unlock">click here</a> today.</p>',
+    )
+    login(page, live_server, "alice")
+
+    with page.expect_navigation():
+        page.locator("a.subject", has_text="Your account is locked").click()
+
+    body = page.locator("#body")
+    assert "Please click here <https://evil.example/unlock> today." in body.inner_text()
+    assert body.locator("a").count() == 0
+    assert page.locator("a[href*='evil.example']").count() == 0
+    _assert_policy_kept(watch)
+
+
+def test_times_on_the_list_and_the_message_page_name_their_zone(page, watch, live_server,
+                                                                world, make_message, settings):
+    from datetime import UTC, datetime
+
+    settings.TIME_ZONE = "Europe/Berlin"
+    make_message(subject="Zoned", received_at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
+                 date=datetime(2026, 11, 20, 9, 58, tzinfo=UTC))
+    login(page, live_server, "alice")
+
+    assert page.locator("td[data-label='Date']").inner_text() == "2026-11-20 11:00 CET"
+    with page.expect_navigation():
+        page.locator("a.subject", has_text="Zoned").click()
+    envelope = page.locator("#envelope").inner_text()
+    assert "2026-11-20 11:00:00 CET" in envelope
+    assert "Fri, 20 Nov 2026 09:58:00 +0000" in page.locator("#headers").inner_text()
+    _assert_policy_kept(watch)

@@ -240,8 +240,13 @@ def test_alice_deletes_all_her_messages_and_bobs_stay(page, watch, live_server, 
     login(page, live_server, "alice")
 
     with page.expect_navigation():
-        page.get_by_role("button", name="Delete all").click()
+        page.get_by_role("link", name="Delete all").click()
+    assert "Delete 5 messages from your quarantine?" in page_text(page)
+    assert Message.objects.count() == 6
+    with page.expect_navigation():
+        page.get_by_role("button", name="Delete 5 messages").click()
 
+    assert "5 messages deleted." in page_text(page)
     page.goto(f"{live_server.url}/")
     assert _subjects(page) == []
     assert "No messages." in page_text(page)

@@ -182,3 +182,75 @@ def test_deeply_nested_multipart_does_not_break_the_view():
     rendered = render_message(raw)
 
     assert rendered.problem
+
+
+# --- Where links lead ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("markup,expected", [
+    ('<a href="https://evil.example/x">Click here</a>', "Click here <https://evil.example/x>"),
+    ("<A HREF='http://evil.example/'>Bank</A> now", "Bank <http://evil.example/> now"),
+    ("<a class=x href=https://evil.example/u?a=1&amp;b=2>pay</a>",
+     "pay <https://evil.example/u?a=1&b=2>"),
+    ('<a href="mailto:boss@evil.example">the boss</a>', "the boss <mailto:boss@evil.example>"),
+    ('<a href=" https://evil.example/ ">x</a>', "x <https://evil.example/>"),
+    ('<a href="https://evil.example/a b<c>">x</a>', "x <https://evil.example/a%20b%3Cc%3E>"),
+    ('<a href="https://evil.example/"><img src="logo.png"></a>', "<https://evil.example/>"),
+])
+def test_a_links_target_is_shown_after_its_text(markup, expected):
+    assert html_to_text(markup) == expected
+
+
+@pytest.mark.parametrize("markup,expected", [
+    ('<a href="https://example.com/">https://example.com/</a>', "https://example.com/"),
+    ('<a href="https://example.com/">https://example.com</a>', "https://example.com"),
+    ('<a href="mailto:a@example.com">a@example.com</a>', "a@example.com"),
+    ('<a href="javascript:alert(1)">Click</a>', "Click"),
+    ('<a href="data:text/html,x">Click</a>', "Click"),
+    ('<a href="/relative/path">Click</a>', "Click"),
+    ('<a href="cid:part1">Click</a>', "Click"),
+    ('<a name="top">Top</a>', "Top"),
+    ('<a href="java\tscript:alert(1)">Click</a>', "Click"),
+])
+def test_targets_that_are_the_text_or_not_web_addresses_are_not_repeated(markup, expected):
+    assert html_to_text(markup) == expected
+
+
+def test_controls_and_bidi_overrides_are_removed_from_a_target():
+    text = html_to_text('<a href="https://evil.exa\x00mple/\u202egpj.exe\x1b[31m">x</a>')
+
+    assert text == "x <https://evil.example/gpj.exe[31m>"
+
+
+def test_a_long_target_is_cut():
+    text = html_to_text(f'<a href="https://evil.example/{"a" * 5000}">x</a>')
+
+    target = text[len("x <"):-1]
+    assert text.startswith("x <https://evil.example/aaa") and text.endswith("…>")
+    assert len(target) <= 300
+
+
+def test_a_link_left_open_is_closed_by_the_next_one_and_by_the_end():
+    text = html_to_text('<a href="https://one.example/">one <a href="https://two.example/">two')
+
+    assert text == "one <https://one.example/>two <https://two.example/>"
+
+
+def test_a_links_target_reaches_the_rendered_body_as_text():
+    raw = mail(html='<p><a href="https://evil.example/login">Log in to your bank</a></p>')
+
+    rendered = render_message(raw)
+
+    assert rendered.body == "Log in to your bank <https://evil.example/login>"
+
+
+@pytest.mark.parametrize("unit", ['<a href="', "<a href=", '<a href="https://e.example/">x',
+                                  '<a href="https://e.example/" href="', "<a href href href "])
+def test_links_are_converted_in_bounded_time(unit):
+    markup = unit * 100_000
+    started = time.monotonic()
+
+    text = html_to_text(markup)
+
+    assert time.monotonic() - started < 2
+    assert len(text) <= MAX_BODY_CHARS

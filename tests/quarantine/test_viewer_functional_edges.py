@@ -275,11 +275,11 @@ def test_the_list_is_sorted_by_quarantine_time_whatever_the_date_header_says(
 
     assert mail_ids(response) == [newest.mail_id, middle.mail_id, oldest.mail_id]
     assert re.findall(r'data-label="Date">([^<]*)', response.content.decode()) == [
-        "2026-11-03 09:00", "2026-11-02 09:00", "2026-11-01 09:00"
+        "2026-11-03 09:00 UTC", "2026-11-02 09:00 UTC", "2026-11-01 09:00 UTC"
     ]
     page = client.get(detail(middle)).content.decode()
     assert "<dt>Date</dt>" not in page
-    assert "<dt>Received</dt><dd>2026-11-02 09:00:00</dd>" in page
+    assert "<dt>Received</dt><dd>2026-11-02 09:00:00 UTC</dd>" in page
 
 
 def test_mail_arriving_between_two_pages_neither_repeats_nor_skips_a_row(
