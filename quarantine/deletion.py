@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from django.db import DatabaseError, transaction
 from django.db.transaction import TransactionManagementError
 
+from directory.models import Address
 from quarantine.models import AuditEvent, Message, PendingFileDeletion, Recipient, record_event
 from quarantine.store import FileStore, StoreError, get_store, name_info
 
@@ -66,19 +67,43 @@ def delete_message(message: Message, *, user) -> int:
 
     Returns the number of messages whose file was removed."""
     recipients = Recipient.objects.filter(message=message).visible_to(user)
-    removed = _delete_recipients(recipients, user=user)
+    _, removed = _delete_recipients(recipients)
     record_event(user, AuditEvent.Action.DELETE, mail_id=message.mail_id)
     return removed
 
 
-def delete_for_addresses(addresses: Iterable[str], *, user) -> int:
-    """Delete every message held for these addresses (a user's "Delete all")."""
+def delete_copies(message: Message, owner, *, user) -> tuple[list[str], bool]:
+    """Delete `owner`'s recipients of `message` (vadmin acting on one user's list), and the
+    message with its file once no recipient is left. Returns the addresses deleted and
+    whether the message went; `user` is recorded as the one who did it."""
+    owned = Address.objects.for_user(owner).values("address")
+    copies = Recipient.objects.filter(message=message, address__in=owned)
+    with transaction.atomic():
+        lock_store_files()
+        addresses = sorted(copies.values_list("address", flat=True))
+        if not addresses:
+            return [], False
+        _, removed = _delete_recipients(copies)
+    record_event(user, AuditEvent.Action.DELETE, mail_id=message.mail_id,
+                 detail=f"{owner.get_username()}'s copies: {', '.join(addresses)}")
+    return addresses, removed > 0
+
+
+def delete_for_addresses(
+    addresses: Iterable[str], *, user, up_to: int | None = None
+) -> int:
+    """Delete every message held for these addresses (a user's "Delete all"); with `up_to`,
+    only recipients up to that id (what the confirmation page counted: mail that came
+    after it stays). Returns the number of the user's messages deleted (one per message,
+    however many of the addresses it was sent to)."""
     recipients = Recipient.objects.filter(address__in=list(addresses))
-    removed = _delete_recipients(recipients, user=user)
+    if up_to is not None:
+        recipients = recipients.filter(id__lte=up_to)
+    count, _ = _delete_recipients(recipients)
     record_event(
-        user, AuditEvent.Action.CLEAR, detail=f"{removed} messages of the user's addresses"
+        user, AuditEvent.Action.CLEAR, detail=f"{count} messages of the user's addresses"
     )
-    return removed
+    return count
 
 
 def clear_quarantine(*, user) -> int:
@@ -148,13 +173,24 @@ def delete_messages(
     return _delete_messages(messages, errors=errors)
 
 
-def _delete_recipients(recipients, *, user) -> int:
+def _delete_recipients(recipients) -> tuple[int, int]:
+    """Delete recipient rows, and each of their messages left with no recipient. Returns
+    (messages the rows belonged to, files removed).
+
+    The messages are locked first (in id order): two users deleting their copies of one
+    message at the same time then take turns, and the second sees the first's deletion,
+    so the message goes with its last recipient rather than staying with none."""
     with transaction.atomic():
         lock_store_files()
-        message_ids = set(recipients.values_list("message_id", flat=True))
+        message_ids = sorted(set(recipients.values_list("message_id", flat=True)))
+        locked: list[int] = []
+        for start in range(0, len(message_ids), BATCH_SIZE):
+            locked += Message.objects.select_for_update().filter(
+                id__in=message_ids[start : start + BATCH_SIZE]
+            ).order_by("id").values_list("id", flat=True)
         recipients.delete()
-        orphans = Message.objects.filter(id__in=message_ids, recipients__isnull=True)
-        return _delete_messages(orphans)
+        orphans = Message.objects.filter(id__in=locked, recipients__isnull=True)
+        return len(message_ids), _delete_messages(orphans)
 
 
 def _delete_messages(
@@ -164,11 +200,17 @@ def _delete_messages(
     errors: list[str] | None = None,
 ) -> int:
     """Delete the messages' rows, and after the commit their files and `also_files` (files
-    without a row). Returns the number of files."""
+    without a row). Returns the number of files.
+
+    The rows are read once: the rows deleted are exactly those whose files are recorded,
+    whatever commits meanwhile."""
     with transaction.atomic():
         lock_store_files()
-        files = list(messages.values_list("origin", "storage_key")) + list(also_files)
-        Message.objects.filter(id__in=messages.values("id")).delete()
+        rows = list(messages.values_list("id", "origin", "storage_key"))
+        files = [(origin, key) for _, origin, key in rows] + list(also_files)
+        ids = [row_id for row_id, _, _ in rows]
+        for start in range(0, len(ids), BATCH_SIZE):
+            Message.objects.filter(id__in=ids[start : start + BATCH_SIZE]).delete()
         PendingFileDeletion.objects.bulk_create(
             [PendingFileDeletion(origin=origin, storage_key=key) for origin, key in files],
             batch_size=BATCH_SIZE,

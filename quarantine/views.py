@@ -14,8 +14,17 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.db import connection, transaction
-from django.db.models import DateTimeField, Exists, ExpressionWrapper, F, OuterRef, Q, Value
+from django.db import connection
+from django.db.models import (
+    DateTimeField,
+    Exists,
+    ExpressionWrapper,
+    F,
+    Max,
+    OuterRef,
+    Q,
+    Value,
+)
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -23,12 +32,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from directory.models import Address
-from quarantine.deletion import (
-    delete_for_addresses,
-    delete_message,
-    delete_messages,
-    lock_store_files,
-)
+from quarantine.deletion import delete_copies, delete_for_addresses, delete_message
 from quarantine.forms import ListFilterForm, encode_cursor
 from quarantine.models import (
     AuditEvent,
@@ -311,7 +315,7 @@ def delete(request: HttpRequest, mail_id: str) -> HttpResponse:
         else:
             messages.success(request, "Message deleted.")
         return _back(request)
-    addresses, gone = _delete_copies(message, owner, user=request.user)
+    addresses, gone = delete_copies(message, owner, user=request.user)
     if addresses:
         copies = "copy" if len(addresses) == 1 else "copies"
         rest = "no recipient is left" if gone else "the other recipients keep theirs"
@@ -323,34 +327,16 @@ def delete(request: HttpRequest, mail_id: str) -> HttpResponse:
     return _back(request)
 
 
-def _delete_copies(message: Message, owner: User, *, user: User) -> tuple[list[str], bool]:
-    """Delete `owner`'s recipients of `message` (vadmin acting on one user's list), and the
-    message with its file once no recipient is left; returns the addresses deleted and
-    whether the message went.
-
-    As every deletion: the store lock first, the rows in one transaction, the file after
-    the commit."""
+def _held_for(owner: User, up_to: int | None = None) -> tuple[int, int | None]:
+    """What "Delete all" deletes for `owner`: the number of messages (one per message,
+    however many of the owner's addresses it was sent to) and the last recipient id among
+    them; with `up_to`, only recipients up to that id count."""
     owned = Address.objects.for_user(owner).values("address")
-    with transaction.atomic():
-        lock_store_files()
-        copies = Recipient.objects.filter(message=message, address__in=owned)
-        addresses = sorted(copies.values_list("address", flat=True))
-        if not addresses:
-            return [], False
-        copies.delete()
-        gone = delete_messages(Message.objects.filter(id=message.id, recipients__isnull=True))
-    record_event(user, AuditEvent.Action.DELETE, mail_id=message.mail_id,
-                 detail=f"{owner.username}'s copies: {', '.join(addresses)}")
-    return addresses, gone > 0
-
-
-def _messages_held_for(owner: User) -> int:
-    """How many messages "Delete all" deletes for `owner`: one per message, however many
-    of the owner's addresses it was sent to."""
-    owned = Address.objects.for_user(owner).values("address")
-    return (
-        Recipient.objects.filter(address__in=owned).values("message_id").distinct().count()
-    )
+    recipients = Recipient.objects.filter(address__in=owned)
+    if up_to is not None:
+        recipients = recipients.filter(id__lte=up_to)
+    count = recipients.values("message_id").distinct().count()
+    return count, recipients.aggregate(last=Max("id"))["last"]
 
 
 @login_required
@@ -369,16 +355,21 @@ def delete_all(request: HttpRequest) -> HttpResponse:
     list_url = reverse("quarantine:list")
     if for_other:
         list_url += f"?user={owner.id}"
-    count = _messages_held_for(owner)
+    count, up_to = _held_for(owner)
     changed = False
     if request.method == "POST":
         if request.POST.get("confirm") != "yes":
             url = reverse("quarantine:delete-all")
             return redirect(f"{url}?user={owner.id}" if for_other else url)
-        if request.POST.get("count") == str(count):
-            delete_for_addresses(
+        shown_up_to = request.POST.get("up_to", "")
+        if shown_up_to.isascii() and shown_up_to.isdigit():
+            # What the page counted: mail that came after it is not deleted unseen.
+            count, up_to = _held_for(owner, int(shown_up_to))
+        if up_to is not None and request.POST.get("count") == str(count):
+            count = delete_for_addresses(
                 Address.objects.for_user(owner).values_list("address", flat=True),
                 user=request.user,
+                up_to=up_to,
             )
             plural = "message" if count == 1 else "messages"
             if for_other:
@@ -393,6 +384,7 @@ def delete_all(request: HttpRequest) -> HttpResponse:
     return render(request, "quarantine/delete_all.html", {
         "owner": owner if for_other else None,
         "count": count,
+        "up_to": up_to,
         "changed": changed,
         "list_url": list_url,
     })

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import threading
 
+import pytest
 from django.db import connection, connections, transaction
 
 from quarantine.indexer import index_directory
@@ -91,3 +92,40 @@ def test_write_given_up_while_an_index_run_takes_its_file_leaves_no_row_without_
     assert _dangling() == []
     assert sorted(Message.objects.values_list("storage_key", flat=True)) == store_files(root)
     assert PendingFileDeletion.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_users_deleting_their_copies_of_one_message_at_once_remove_it(
+    world, make_message, settings
+):
+    """alice and bob delete their copies of a shared message at the same moment: the
+    message must go with its last recipient, not stay behind with none (a row the viewer
+    shows nobody and retention alone would ever remove, its file kept)."""
+    from quarantine.deletion import delete_message
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite lets one transaction write at a time")
+    message = make_message(recipients=["alice@example.test", "bob@example.test"])
+    path = FileStore(settings.QUARANTINE_DIR).path(message.storage_key)
+    alice_deleted = threading.Event()
+    commit = threading.Event()
+
+    def alice() -> None:
+        # Her deletion is done but not committed while bob's runs.
+        with transaction.atomic():
+            delete_message(message, user=world.alice)
+            alice_deleted.set()
+            commit.wait(10)
+
+    first = _in_thread(alice)
+    assert alice_deleted.wait(10)
+    second = _in_thread(lambda: delete_message(message, user=world.bob))
+    # bob's deletion either waits for alice's transaction or finishes; then alice commits.
+    wait_until(lambda: _lock_waiters() > 0 or not second.is_alive(), timeout=3)
+    commit.set()
+    first.join(10)
+    second.join(10)
+
+    assert not Recipient.objects.filter(message_id=message.id).exists()
+    assert not Message.objects.filter(id=message.id).exists()
+    assert wait_until(lambda: not path.exists(), timeout=5)

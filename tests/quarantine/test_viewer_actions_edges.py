@@ -114,20 +114,39 @@ def test_confirmed_delete_all_deletes_the_users_messages_and_says_how_many(
     assert Message.objects.count() == 1
 
 
-def test_delete_all_asks_again_when_mail_arrived_after_the_confirmation_page(
+def test_delete_all_keeps_mail_that_arrived_after_the_confirmation_page(
     client, world, make_message
 ):
-    make_message(recipients=["alice@example.test"])
+    """The user confirmed deleting what the page counted: a message quarantined after it
+    was shown is not deleted unseen."""
+    make_message(recipients=["alice@example.test"], subject="Shown")
     client.force_login(world.alice)
     fields = confirm_form(client.get(DELETE_ALL))
-    make_message(recipients=["alice@example.test"], subject="Arrived meanwhile")
+    arrived = make_message(recipients=["alice@example.test"], subject="Arrived meanwhile")
+
+    response = client.post(DELETE_ALL, fields, follow=True)
+
+    assert "1 message deleted." in response.content.decode()
+    assert list(Message.objects.values_list("id", flat=True)) == [arrived.id]
+
+
+def test_delete_all_asks_again_when_mail_went_after_the_confirmation_page(
+    client, world, make_message
+):
+    from quarantine.deletion import delete_message
+
+    make_message(recipients=["alice@example.test"])
+    gone = make_message(recipients=["alice@example.test"])
+    client.force_login(world.alice)
+    fields = confirm_form(client.get(DELETE_ALL))
+    delete_message(gone, user=world.alice)
 
     response = client.post(DELETE_ALL, fields)
 
     assert response.status_code == 200
-    assert "Delete 2 messages from your quarantine?" in response.content.decode()
-    assert confirm_form(response)["count"] == "2"
-    assert Message.objects.count() == 2
+    assert "Delete 1 message from your quarantine?" in response.content.decode()
+    assert confirm_form(response)["count"] == "1"
+    assert Message.objects.count() == 1
 
 
 def test_delete_all_with_nothing_to_delete_offers_no_button(client, world, make_message):
